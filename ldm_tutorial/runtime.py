@@ -1,0 +1,149 @@
+"""Device and dtype choice, seeding, Colab and Hub detection (introduced in chapter 0).
+
+Every function here is cheap and side-effect free except `seed_everything`, which seeds the
+global RNGs on purpose. Nothing runs at import time.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """Choose the device a chapter runs on.
+
+    Args:
+        prefer: None (CUDA when available, else CPU), "cuda" or "cpu".
+    Returns:
+        A `torch.device`.
+    Raises:
+        ValueError: `prefer` is unknown, or "cuda" is asked without a GPU.
+    """
+    if prefer is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = torch.device(prefer).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("prefer='cuda' but no CUDA GPU is visible; use prefer=None or prefer='cpu'")
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"prefer must be None, 'cuda' or 'cpu', got {prefer!r}")
+    return torch.device(prefer)
+
+
+def pick_dtype(device: torch.device | str, prefer: torch.dtype | str | None = None) -> torch.dtype:
+    """Choose the floating-point dtype for `device`.
+
+    CUDA: float16 by default, bfloat16 when asked and supported. CPU: float32 only (half precision
+    convolutions on CPU are slow or unsupported in the SD pipelines).
+
+    Args:
+        device: where the model will run.
+        prefer: None, or one of torch.float32 / torch.float16 / torch.bfloat16 (or their names).
+    Returns:
+        A `torch.dtype`.
+    Raises:
+        ValueError: the dtype is not supported on that device.
+    """
+    device = torch.device(device)
+    if isinstance(prefer, str):
+        if not hasattr(torch, prefer) or not isinstance(getattr(torch, prefer), torch.dtype):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {prefer!r}")
+        prefer = getattr(torch, prefer)
+    if prefer is not None and prefer not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {prefer}")
+    if device.type == "cuda":
+        if prefer is None:
+            return torch.float16
+        if prefer == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError("dtype=bfloat16 is not supported on this GPU; use float16")
+        return prefer
+    if prefer is None or prefer == torch.float32:
+        return torch.float32
+    name = str(prefer).removeprefix("torch.")
+    raise ValueError(f"dtype={name} is not supported on CPU by the SD pipelines; use float32")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch, and return a CPU `torch.Generator` seeded with `seed`.
+
+    Pass the returned generator to every random call (pipelines, `torch.randn`) so a chapter's
+    draws do not depend on what ran before.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def in_colab() -> bool:
+    """True when running inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def _offline_reason() -> str | None:
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in _TRUTHY:
+            return f"{var}=1"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(host: str, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_available(timeout: float = 2.0) -> bool:
+    """True when huggingface.co answers on port 443 within `timeout` seconds.
+
+    False at once when HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1. The network probe is cached for
+    the life of the process.
+    """
+    if _offline_reason() is not None:
+        return False
+    return _probe("huggingface.co", float(timeout))
+
+
+def hub_reason(timeout: float = 2.0) -> str:
+    """Why the Hub is (not) usable, in a few words: "online", "offline (HF_HUB_OFFLINE=1)", ..."""
+    reason = _offline_reason()
+    if reason is not None:
+        return f"offline ({reason})"
+    return "online" if hub_available(timeout) else "offline (huggingface.co unreachable)"
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What `describe_runtime` found: device, dtype, Colab, Hub, and which model "auto" picks."""
+
+    device: torch.device
+    dtype: torch.dtype
+    colab: bool
+    hub: bool
+    reason: str
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        colab = " colab" if self.colab else ""
+        return f"device={self.device.type} dtype={dtype}{colab} hub={self.reason}"
+
+
+def describe_runtime(timeout: float = 2.0) -> RuntimeInfo:
+    """Summarise the runtime in one object; `str()` of it is one line for a chapter's first output."""
+    device = pick_device()
+    hub = hub_available(timeout)
+    auto = "sd15" if (device.type == "cuda" and hub) else "TinySD"
+    reason = f"{hub_reason(timeout)} -> {auto}"
+    return RuntimeInfo(device=device, dtype=pick_dtype(device), colab=in_colab(), hub=hub, reason=reason)
