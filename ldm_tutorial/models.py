@@ -208,6 +208,7 @@ STANDIN_WORDS = (
     "a an the of on in with and photo painting drawing picture image "
     "red green blue yellow orange purple black white gray "
     "circle square triangle star shape background small large big "
+    "cross left right top bottom centre center middle corner upper lower at along there is "
     "cat dog horse bird astronaut riding moon sky sea tree house apple table"
 ).split()
 
