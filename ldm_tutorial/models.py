@@ -139,7 +139,7 @@ def load_pipeline(name: str = "auto", task: str = "text2img", device: torch.devi
         RuntimeError: a Hub model was asked for but cannot be had here (offline, or no CUDA).
     """
     _check_task(task)
-    device = pick_device(device) if device is not None else pick_device()
+    device = pick_device(device)
     if name == "auto":
         key, reason = _auto_choice(task, device)
     elif name in _TINY_NAMES:
@@ -161,7 +161,7 @@ def load_pipeline(name: str = "auto", task: str = "text2img", device: torch.devi
 
 
 def _load_hub(spec: ModelSpec, task: str, device: torch.device, dtype):
-    if task not in spec.tasks or spec.key == "sdxl-vae-fp16-fix" or spec.key == "taesd":
+    if task not in spec.tasks:
         raise ValueError(f"{spec.key!r} does not support task={task!r} (it supports {spec.tasks}); "
                          f"for {task} use {_AUTO_HUB_MODEL[task]!r} or 'tiny'")
     if not spec.key.startswith("sd15"):

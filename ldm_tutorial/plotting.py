@@ -9,22 +9,9 @@ import torch
 
 
 def _plt():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "agg") and \
-            not _in_ipython():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # imported on first use: `import ldm_tutorial` stays light
 
     return plt
-
-
-def _in_ipython() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
 
 
 def to_uint8_images(images, param: str = "images") -> list[np.ndarray]:
