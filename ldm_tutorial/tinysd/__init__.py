@@ -1,0 +1,90 @@
+"""TinySD: a miniature Stable Diffusion this project trains itself and ships inside the package.
+
+Same component classes as SD (CLIPTextModel + CLIPTokenizer, AutoencoderKL, UNet2DConditionModel,
+DDIMScheduler, AutoencoderTiny), saved in diffusers/transformers folder layout and loaded with
+`from_pretrained`, the code path that loads the real SD on a GPU.
+
+    weights/tinysd/           StableDiffusionPipeline folder (model_index.json, text_encoder,
+                              tokenizer, unet, vae, scheduler)
+    weights/tinysd-inpaint/   the 9-channel inpainting U-Net (the rest is shared with tinysd/)
+    weights/tinysd-taesd/     AutoencoderTiny preview decoder distilled from the VAE
+    weights/tinyclip/         the whole tiny CLIPModel (text + vision towers) and tokenizer
+    weights/training_log.json how each was trained (steps, seconds, device)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+TASKS = ("text2img", "img2img", "inpaint")
+
+
+def pipeline_dir(task: str = "text2img") -> Path | None:
+    """The diffusers folder that `from_pretrained` loads for `task`, or None if not shipped.
+
+    text2img and img2img share `weights/tinysd`; inpaint needs the inpainting U-Net as well
+    (load it from `inpaint_unet_dir()` and pass it as `unet=`), so it returns `weights/tinysd`
+    only when that U-Net is present too.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    base = WEIGHTS_DIR / "tinysd"
+    if not (base / "model_index.json").exists() or not (base / "unet" / "config.json").exists():
+        return None
+    if task == "inpaint" and inpaint_unet_dir() is None:
+        return None
+    return base
+
+
+def inpaint_unet_dir() -> Path | None:
+    d = WEIGHTS_DIR / "tinysd-inpaint" / "unet"
+    return d if (d / "config.json").exists() else None
+
+
+def component_dir(name: str) -> Path:
+    """Folder of one shipped component: text_encoder, tokenizer, unet, vae, scheduler, taesd, clip, inpaint_unet."""
+    dirs = {"taesd": WEIGHTS_DIR / "tinysd-taesd", "clip": WEIGHTS_DIR / "tinyclip",
+            "inpaint_unet": WEIGHTS_DIR / "tinysd-inpaint" / "unet"}
+    for sub in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        dirs[sub] = WEIGHTS_DIR / "tinysd" / sub
+    if name not in dirs:
+        raise ValueError(f"name must be one of {sorted(dirs)}, got {name!r}")
+    if not dirs[name].exists():
+        raise FileNotFoundError(f"TinySD component {name!r} is not shipped at {dirs[name]}; "
+                                f"train it with `python -m ldm_tutorial.tinysd.train`")
+    return dirs[name]
+
+
+def load_vae(device="cpu"):
+    """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes)."""
+    import torch  # noqa: PLC0415
+    from diffusers import AutoencoderKL  # noqa: PLC0415
+
+    return AutoencoderKL.from_pretrained(component_dir("vae"), dtype=torch.float32).to(device).eval()
+
+
+def load_taesd(device="cpu"):
+    """TinySD's AutoencoderTiny preview decoder (works on *scaled* latents, scaling_factor 1.0)."""
+    import torch  # noqa: PLC0415
+    from diffusers import AutoencoderTiny  # noqa: PLC0415
+
+    return AutoencoderTiny.from_pretrained(component_dir("taesd"), dtype=torch.float32).to(device).eval()
+
+
+def load_clip(device="cpu"):
+    """(CLIPModel, CLIPTokenizer) of the tiny CLIP trained on the shapes world."""
+    import torch  # noqa: PLC0415
+    from transformers import CLIPModel, CLIPTokenizer  # noqa: PLC0415
+
+    path = component_dir("clip")
+    return CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval(), CLIPTokenizer.from_pretrained(path)
+
+
+def load_text_encoder(device="cpu"):
+    """(CLIPTextModel, CLIPTokenizer): TinySD's frozen text encoder, the tiny CLIP's text tower."""
+    import torch  # noqa: PLC0415
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+
+    te = CLIPTextModel.from_pretrained(component_dir("text_encoder"), dtype=torch.float32).to(device).eval()
+    return te, CLIPTokenizer.from_pretrained(component_dir("tokenizer"))

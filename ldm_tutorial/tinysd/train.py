@@ -1,0 +1,604 @@
+"""Train TinySD with Stable Diffusion's recipe, stage by stage.
+
+    python -m ldm_tutorial.tinysd.train clip    [--seconds S | --steps N] [--device cuda|cpu]
+    python -m ldm_tutorial.tinysd.train vae     ...
+    python -m ldm_tutorial.tinysd.train unet    ...    (needs clip and vae)
+    python -m ldm_tutorial.tinysd.train inpaint ...    (needs unet)
+    python -m ldm_tutorial.tinysd.train taesd   ...    (needs vae)
+    python -m ldm_tutorial.tinysd.train all --seconds-per-stage clip=60,vae=170,...
+
+Every stage shows a progress bar, writes a resumable checkpoint (`--ckpt-dir`, default
+`checkpoints/`) every `--ckpt-every` seconds and at the end, resumes from it when present, and
+exports its model in diffusers/transformers format under `--out` (default: the package's
+shipped weights folder). Seeds are fixed; CUDA is used when present (bf16 autocast), else CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import configs, data, shapes
+from .tokenizer import build_tokenizer
+
+STAGES = ("clip", "vae", "unet", "inpaint", "taesd")
+DEFAULT_OUT = Path(__file__).parent / "weights"
+
+
+# ----------------------------------------------------------------------------- plumbing
+@dataclass
+class Ctx:
+    device: torch.device
+    out: Path
+    ckpt_dir: Path
+    seed: int = 0
+    n_scenes: int = 20_000
+    ckpt_every: float = 60.0
+    log: dict = field(default_factory=dict)
+    _images: torch.Tensor | None = None
+    _scenes: list | None = None
+
+    @property
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def dataset(self) -> tuple[torch.Tensor, list]:
+        if self._images is None:
+            t = time.time()
+            self._images, self._scenes = data.render_dataset(self.n_scenes, seed=self.seed)
+            if self.device.type == "cuda":
+                self._images = self._images.to(self.device)
+            print(f"rendered {self.n_scenes} scenes in {time.time() - t:.1f}s", flush=True)
+        return self._images, self._scenes
+
+
+class Budget:
+    """Stop after `steps` steps or `seconds` seconds, whichever comes first."""
+
+    def __init__(self, steps: int | None, seconds: float | None):
+        if steps is None and seconds is None:
+            raise ValueError("give steps or seconds")
+        self.steps, self.seconds = steps, seconds
+        self.start = time.time()
+
+    def restart(self) -> None:
+        """Start the clock now (after data and model setup)."""
+        self.start = time.time()
+
+    def frac(self, step: int) -> float:
+        if self.steps == 0:
+            return 1.0
+        f = [step / self.steps] if self.steps else []
+        if self.seconds:
+            f.append((time.time() - self.start) / self.seconds)
+        return max(f)
+
+    def done(self, step: int) -> bool:
+        return self.frac(step) >= 1.0
+
+
+def save_ckpt(ctx: Ctx, stage: str, state: dict) -> None:
+    ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ctx.ckpt_dir / f"{stage}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, ctx.ckpt_dir / f"{stage}.pt")
+
+
+def load_ckpt(ctx: Ctx, stage: str) -> dict | None:
+    p = ctx.ckpt_dir / f"{stage}.pt"
+    if p.exists():
+        print(f"[{stage}] resuming from {p}", flush=True)
+        return torch.load(p, map_location="cpu", weights_only=False)
+    return None
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p.detach(), 1 - d)
+
+
+def _save_fp16(model, path: Path, **kwargs) -> None:
+    """Save a copy in float16 (half the bytes; loaders upcast with torch_dtype=float32), shards <= 15MB."""
+    m = copy.deepcopy(model).to("cpu", torch.float16)
+    m.save_pretrained(path, max_shard_size="15MB", **kwargs)
+
+
+def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length") -> torch.Tensor:
+    """Token ids (B, 77). padding="longest" is exact for CLIP's pooled feature (causal attention,
+    pooled at the end token) and about 3x cheaper; the U-Net needs all 77 hidden states."""
+    return tokenizer(captions, padding=padding, max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def export_text_encoder(ctx: Ctx) -> None:
+    """Copy the tiny CLIP's text tower (and tokenizer) into the pipeline folder."""
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+
+    clip = CLIPModel.from_pretrained(ctx.out / "tinyclip", dtype=torch.float32)
+    if isinstance(clip.text_model, CLIPTextModel):      # transformers 5: the text tower is a CLIPTextModel
+        text = clip.text_model
+    else:                                               # transformers 4: a bare CLIPTextTransformer
+        text = CLIPTextModel(clip.config.text_config)
+        text.text_model.load_state_dict(clip.text_model.state_dict())
+    text.save_pretrained(ctx.out / "tinysd" / "text_encoder")
+    CLIPTokenizer.from_pretrained(ctx.out / "tinyclip").save_pretrained(ctx.out / "tinysd" / "tokenizer")
+
+
+def load_text_stack(ctx: Ctx):
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+
+    tok = CLIPTokenizer.from_pretrained(ctx.out / "tinysd" / "tokenizer")
+    te = CLIPTextModel.from_pretrained(ctx.out / "tinysd" / "text_encoder", dtype=torch.float32)
+    return tok, te.to(ctx.device).eval().requires_grad_(False)
+
+
+def load_vae(ctx: Ctx):
+    from diffusers import AutoencoderKL  # noqa: PLC0415
+
+    return AutoencoderKL.from_pretrained(ctx.out / "tinysd" / "vae", torch_dtype=torch.float32).to(ctx.device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- CLIP
+def perturb(obj: shapes.SceneObject, attr: str, rng: np.random.Generator) -> shapes.SceneObject:
+    """The same object with one attribute changed."""
+    choices = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES), "size": list(shapes.SIZES),
+               "position": list(shapes.POSITIONS)}[attr]
+    new = rng.choice([c for c in choices if c != getattr(obj, attr)])
+    return shapes.SceneObject(**{**obj.__dict__, attr: new})
+
+
+def hard_negative(scene: shapes.Scene, rng: np.random.Generator) -> str:
+    k = int(rng.integers(len(scene.objects)))
+    attr = rng.choice(["colour", "shape", "position", "size"], p=[0.2, 0.35, 0.4, 0.05])
+    objs = list(scene.objects)
+    objs[k] = perturb(objs[k], attr, rng)
+    return shapes.caption(shapes.Scene(objs), rng)
+
+
+def _pooled(out) -> torch.Tensor:
+    """Projected features: transformers 5 returns an output object, 4.x a tensor."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, init_from_shipped: bool = False) -> dict:
+    """Contrastive training of a tiny CLIPModel, with one hard negative caption per image.
+
+    Exports the whole model to `tinyclip/`; `train_unet` copies its text tower into `tinysd/`
+    when it starts, so the U-Net and its text encoder always match.
+    """
+    from transformers import CLIPModel, CLIPTokenizer  # noqa: PLC0415
+
+    torch.manual_seed(ctx.seed)
+    images, scenes = ctx.dataset()     # render first: worker processes fork before CUDA starts
+    if init_from_shipped and not (ctx.ckpt_dir / "clip.pt").exists():
+        tok = CLIPTokenizer.from_pretrained(ctx.out / "tinyclip")   # the vocabulary must not change
+        model = CLIPModel.from_pretrained(ctx.out / "tinyclip", dtype=torch.float32).to(ctx.device).train()
+        print("[clip] continuing from the shipped weights", flush=True)
+    else:
+        tok = build_tokenizer()
+        model = configs.new_clip(tok).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    step, rng = 0, np.random.default_rng(ctx.seed + 1)
+    ck = load_ckpt(ctx, "clip")
+    if ck:
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step = ck["step"]
+        rng = ck["rng"]
+    images, scenes = ctx.dataset()
+    budget.restart()
+    loss = torch.tensor(float("nan"))
+    last_ck, bar = time.time(), tqdm(desc="clip", unit="step", mininterval=5)
+    while not budget.done(step):
+        idx = rng.integers(len(scenes), size=batch)
+        x = data.to_float(images[torch.from_numpy(idx).to(images.device)]).to(ctx.device)
+        caps = [shapes.caption(scenes[i], rng) for i in idx]
+        negs = [hard_negative(scenes[i], rng) for i in idx]
+        ids = tokenize(tok, caps + negs, ctx.device, padding="longest")
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 200)
+        with ctx.autocast:
+            img = F.normalize(_pooled(model.get_image_features(pixel_values=x)), dim=-1)
+            txt = F.normalize(_pooled(model.get_text_features(input_ids=ids)), dim=-1)
+            scale = model.logit_scale.exp().clamp(max=100)
+            logits = scale * img.float() @ txt.float().T          # (B, 2B): own caption, others, hard negatives
+            target = torch.arange(batch, device=ctx.device)
+            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch].T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if time.time() - last_ck > ctx.ckpt_every:
+            save_ckpt(ctx, "clip", dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
+            last_ck = time.time()
+    bar.close()
+    save_ckpt(ctx, "clip", dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
+    model = model.float().cpu().eval()
+    model.save_pretrained(ctx.out / "tinyclip")
+    tok.save_pretrained(ctx.out / "tinyclip")
+    return {"steps": step, "final_loss": float(loss.item()), "seconds": time.time() - budget.start}
+
+
+# ----------------------------------------------------------------------------- VAE
+def _vae_batch(ctx: Ctx, images, rng, photos, gen, batch: int, photo_frac: float) -> torch.Tensor:
+    n_photo = int(round(batch * photo_frac))
+    idx = rng.integers(len(images), size=batch - n_photo)
+    x = data.to_float(images[torch.from_numpy(idx).to(images.device)]).to(ctx.device)
+    if n_photo:
+        x = torch.cat([x, data.random_photo_crops(photos, n_photo, gen).to(ctx.device)])
+    return x
+
+
+def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo_frac: float = 0.25,
+              disc_start_frac: float = 0.45, loss_cfg=None, name: str = "vae", vae_overrides: dict | None = None,
+              decoder_only: bool = False) -> dict:
+    """Train AutoencoderKL with L1 + perceptual + PatchGAN (adaptive weight, warm-up) + KL 1e-6.
+
+    decoder_only: fine-tune the shipped VAE's decoder with the encoder frozen (what Stability did
+    for sd-vae-ft-mse): the latent space, its scaling factor and every U-Net trained on it stay valid.
+    """
+    from ldm_tutorial.losses import VAELoss, VAELossConfig  # noqa: PLC0415
+
+    torch.manual_seed(ctx.seed)
+    if decoder_only:
+        vae = load_vae(ctx).requires_grad_(False)
+        params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+        for p_ in params:
+            p_.requires_grad_(True)
+        name = name if name != "vae" else "vae-decoder"
+    else:
+        vae = configs.new_vae(**(vae_overrides or {})).to(ctx.device)
+        params = list(vae.parameters())
+    lossf = VAELoss(loss_cfg or VAELossConfig(disc_start=10**9)).to(ctx.device)
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(lossf.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)) if lossf.cfg.use_gan else None
+    step, rng, gen = 0, np.random.default_rng(ctx.seed + 2), torch.Generator().manual_seed(ctx.seed + 3)
+    ck = load_ckpt(ctx, name)
+    if ck:
+        vae.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step = ck["step"]; rng = ck["rng"]
+        lossf.load_state_dict(ck["loss"]); lossf.cfg.disc_start = ck["disc_start"]; gen.set_state(ck["gen"])
+        if opt_d:
+            opt_d.load_state_dict(ck["opt_d"])
+    images, _ = ctx.dataset()
+    photos = data.load_photos("train")
+    last_layer = vae.decoder.conv_out.weight
+    logs: dict = {}
+    budget.restart()
+    last_ck, bar = time.time(), tqdm(desc=name, unit="step", mininterval=5)
+
+    def state():
+        return dict(model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng, loss=lossf.state_dict(),
+                    disc_start=lossf.cfg.disc_start, gen=gen.get_state(), opt_d=opt_d.state_dict() if opt_d else None)
+
+    while not budget.done(step):
+        if lossf.cfg.disc_start >= 10**9 and budget.frac(step) >= disc_start_frac:
+            lossf.cfg.disc_start = step          # switch the discriminator on (warm-up over)
+            print(f"[{name}] discriminator on at step {step}", flush=True)
+        x = _vae_batch(ctx, images, rng, photos, gen, batch, photo_frac)
+        with ctx.autocast:
+            with torch.set_grad_enabled(not decoder_only):
+                post = vae.encode(x).latent_dist
+            z = post.sample(generator=None)
+            x_hat = vae.decode(z).sample
+            loss, logs = lossf.generator_loss(x, x_hat.float(), post.kl(), step, last_layer)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if opt_d is not None:
+            with ctx.autocast:
+                d_loss = lossf.discriminator_loss(x, x_hat.float(), step)
+            if d_loss is not None:
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                logs["d"] = d_loss.item()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        if time.time() - last_ck > ctx.ckpt_every:
+            save_ckpt(ctx, name, state())
+            last_ck = time.time()
+    bar.close()
+    save_ckpt(ctx, name, state())
+    vae.eval()
+    # scaling factor: 1 / std of latents (posterior samples) over training scenes
+    sf = vae.config.scaling_factor if decoder_only else latent_std_inverse(vae, images[: min(len(images), 4096)], ctx)
+    vae.register_to_config(scaling_factor=sf)
+    _save_fp16(vae, ctx.out / "tinysd" / "vae")
+    return {"steps": step, "scaling_factor": sf, "disc_start": lossf.cfg.disc_start, **{k: float(v) for k, v in logs.items()},
+            "seconds": time.time() - budget.start}
+
+
+@torch.no_grad()
+def latent_std_inverse(vae, images_u8: torch.Tensor, ctx: Ctx, batch: int = 256) -> float:
+    zs = []
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    for i in range(0, len(images_u8), batch):
+        x = data.to_float(images_u8[i:i + batch]).to(ctx.device)
+        zs.append(vae.encode(x).latent_dist.sample(generator=g).float().cpu())
+    return float(1.0 / torch.cat(zs).std())
+
+
+@torch.no_grad()
+def encode_dataset(ctx: Ctx, vae, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-encode every training scene once (the production habit): posterior mean and std."""
+    images, _ = ctx.dataset()
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encode", mininterval=5):
+        d = vae.encode(data.to_float(images[i:i + batch]).to(ctx.device)).latent_dist
+        means.append(d.mean.half()); stds.append(d.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+# ----------------------------------------------------------------------------- U-Nets
+def random_masks(n: int, rng: np.random.Generator, size: int = shapes.IMAGE_SIZE) -> torch.Tensor:
+    """(n, 1, size, size) float masks, 1 = repaint: boxes, ellipses, brush strokes, or everything."""
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    out = np.zeros((n, 1, size, size), np.float32)
+    for i in range(n):
+        kind = rng.choice(["box", "ellipse", "stroke", "full"], p=[0.35, 0.3, 0.25, 0.1])
+        if kind == "full":
+            out[i] = 1
+        elif kind == "box":
+            w, h = rng.integers(size // 5, size * 3 // 4, size=2)
+            x0, y0 = rng.integers(0, size - w), rng.integers(0, size - h)
+            out[i, 0, y0:y0 + h, x0:x0 + w] = 1
+        elif kind == "ellipse":
+            cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+            rx, ry = rng.uniform(0.1, 0.35, size=2) * size
+            out[i, 0] = (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2) <= 1
+        else:
+            m = np.zeros((size, size), bool)
+            x, y = rng.uniform(0, size, size=2)
+            r = rng.uniform(5, 14)
+            for _ in range(int(rng.integers(4, 10))):
+                ang = rng.uniform(0, 2 * np.pi)
+                for t in np.linspace(0, 1, 8):
+                    px, py = x + t * 25 * np.cos(ang), y + t * 25 * np.sin(ang)
+                    m |= (xs - px) ** 2 + (ys - py) ** 2 <= r**2
+                x, y = np.clip([x + 25 * np.cos(ang), y + 25 * np.sin(ang)], 0, size)
+            out[i, 0] = m
+    return torch.from_numpy(out)
+
+
+def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
+               drop_prob: float = 0.1, ema_decay: float = 0.999) -> dict:
+    """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG)."""
+    name = "inpaint" if inpaint else "unet"
+    torch.manual_seed(ctx.seed + (7 if inpaint else 5))
+    if not inpaint and not (ctx.ckpt_dir / "unet.pt").exists():
+        export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
+    tok, te = load_text_stack(ctx)
+    vae = load_vae(ctx)
+    sf = vae.config.scaling_factor
+    sched = configs.new_scheduler()
+    if inpaint:
+        from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+        base = UNet2DConditionModel.from_pretrained(ctx.out / "tinysd" / "unet", torch_dtype=torch.float32)
+        unet = configs.new_unet(in_channels=9)
+        sd = base.state_dict()
+        w = torch.zeros_like(unet.conv_in.weight)
+        w[:, :4] = sd["conv_in.weight"]                  # extra mask + masked-image channels start at zero
+        sd["conv_in.weight"] = w
+        unet.load_state_dict(sd)
+    else:
+        unet = configs.new_unet()
+    unet.to(ctx.device).train()
+    ema = EMA(unet, ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    step, rng = 0, np.random.default_rng(ctx.seed + (17 if inpaint else 11))
+    ck = load_ckpt(ctx, name)
+    if ck:
+        unet.load_state_dict(ck["model"]); ema.shadow.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+        step, rng = ck["step"], ck["rng"]
+    images, scenes = ctx.dataset()
+    if getattr(ctx, "_latents", None) is None:
+        ctx._latents = encode_dataset(ctx, vae)
+    mean, std = ctx._latents
+    mask_pool = random_masks(2048, np.random.default_rng(ctx.seed + 23)).to(ctx.device) if inpaint else None
+    acp = sched.alphas_cumprod.to(ctx.device)
+    budget.restart()
+    last_ck, bar, losses = time.time(), tqdm(desc=name, unit="step", mininterval=5), []
+
+    def state():
+        return dict(model=unet.state_dict(), ema=ema.shadow.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+
+    while not budget.done(step):
+        idx = rng.integers(len(scenes), size=batch)
+        idx_t = torch.from_numpy(idx).to(mean.device)
+        z0 = (mean[idx_t].float() + std[idx_t].float() * torch.randn_like(mean[idx_t].float())).to(ctx.device) * sf
+        caps = [("" if rng.random() < drop_prob else shapes.caption(scenes[i], rng)) for i in idx]
+        with torch.no_grad(), ctx.autocast:
+            cond = te(tokenize(tok, caps, ctx.device)).last_hidden_state
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=ctx.device)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise            # scheduler.add_noise, written out
+        inp = zt
+        if inpaint:
+            m = mask_pool[torch.from_numpy(rng.integers(len(mask_pool), size=batch)).to(ctx.device)]
+            m = torch.where(torch.rand(batch, 1, 1, 1, device=ctx.device) < 0.5, m, m.flip(-1))
+            x = data.to_float(images[idx_t.to(images.device)]).to(ctx.device)
+            with torch.no_grad(), ctx.autocast:
+                masked_lat = vae.encode(x * (m < 0.5)).latent_dist.mode().float() * sf
+            m_lat = F.interpolate(m, size=z0.shape[-2:])        # diffusers: nearest resize of the mask
+            inp = torch.cat([zt, m_lat, masked_lat], dim=1)     # (B, 4 + 1 + 4, 16, 16): diffusers' order
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 300)
+        with ctx.autocast:
+            pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
+            loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet, step)
+        step += 1
+        losses.append(loss.item()) if step % 10 == 0 else None
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if time.time() - last_ck > ctx.ckpt_every:
+            save_ckpt(ctx, name, state())
+            last_ck = time.time()
+    bar.close()
+    save_ckpt(ctx, name, state())
+    _save_fp16(ema.shadow, ctx.out / ("tinysd-inpaint" if inpaint else "tinysd") / "unet")
+    if not inpaint:
+        configs.new_scheduler().save_pretrained(ctx.out / "tinysd" / "scheduler")
+        write_model_index(ctx.out / "tinysd")
+    else:
+        write_model_index(ctx.out / "tinysd-inpaint", inpaint=True)
+    return {"steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "seconds": time.time() - budget.start}
+
+
+def write_model_index(folder: Path, inpaint: bool = False) -> None:
+    """model_index.json as diffusers writes it for StableDiffusionPipeline (no safety checker)."""
+    cls = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+    index = {"_class_name": cls, "_diffusers_version": __import__("diffusers").__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if inpaint:  # the inpainting folder ships only its U-Net; the rest is shared with tinysd/
+        index = {"_class_name": cls, "unet": ["diffusers", "UNet2DConditionModel"], "shared_with": "tinysd"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- TAESD
+def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> dict:
+    """Distil AutoencoderTiny from the VAE: encoder -> scaled latents, decoder -> the VAE's decodes."""
+    torch.manual_seed(ctx.seed + 9)
+    vae = load_vae(ctx)
+    sf = vae.config.scaling_factor
+    taesd = configs.new_taesd().to(ctx.device).train()
+    opt = torch.optim.Adam(taesd.parameters(), lr=lr)
+    step, rng = 0, np.random.default_rng(ctx.seed + 19)
+    ck = load_ckpt(ctx, "taesd")
+    if ck:
+        taesd.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step, rng = ck["step"], ck["rng"]
+    images, _ = ctx.dataset()
+    budget.restart()
+    loss = torch.tensor(float("nan"))
+    last_ck, bar = time.time(), tqdm(desc="taesd", unit="step", mininterval=5)
+    while not budget.done(step):
+        idx = torch.from_numpy(rng.integers(len(images), size=batch)).to(images.device)
+        x = data.to_float(images[idx]).to(ctx.device)
+        with torch.no_grad(), ctx.autocast:
+            z = vae.encode(x).latent_dist.mode().float() * sf
+            target = vae.decode(z / sf).sample.float().clamp(-1, 1)
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, budget.frac(step))))
+        with ctx.autocast:
+            z_hat = taesd.encode(x).latents.float()
+            x_hat = taesd.decode(z.detach()).sample.float()
+            loss = F.l1_loss(z_hat, z) + F.l1_loss(x_hat, target) + F.mse_loss(x_hat, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_ck > ctx.ckpt_every:
+            save_ckpt(ctx, "taesd", dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
+            last_ck = time.time()
+    bar.close()
+    save_ckpt(ctx, "taesd", dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
+    _save_fp16(taesd.eval(), ctx.out / "tinysd-taesd")
+    return {"steps": step, "final_loss": float(loss.item()), "seconds": time.time() - budget.start}
+
+
+# ----------------------------------------------------------------------------- CLI
+def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
+    fn = {"clip": train_clip, "vae": train_vae, "unet": train_unet,
+          "inpaint": lambda c, b, **k: train_unet(c, b, inpaint=True, **k), "taesd": train_taesd}[stage]
+    print(f"== {stage} on {ctx.device} ==", flush=True)
+    res = fn(ctx, budget, **kw)
+    if kw.get("decoder_only"):
+        stage = "vae-decoder-finetune"
+    elif kw.get("init_from_shipped"):
+        stage = "clip-continued"
+    log_path = ctx.out / "training_log.json"
+    if log_path.exists():     # another stage may have finished meanwhile: merge, don't overwrite
+        ctx.log = {**json.loads(log_path.read_text()), **ctx.log}
+    ctx.log[stage] = {**res, "device": str(ctx.device),
+                      "gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else None}
+    log_path.write_text(json.dumps(ctx.log, indent=2, default=str) + "\n")
+    print(f"== {stage} done: {json.dumps(res, default=str)}", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ldm_tutorial.tinysd.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES + ("all",))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--seconds-per-stage", default=None, help="for 'all': clip=60,vae=170,unet=180,...")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--ckpt-dir", type=Path, default=Path("checkpoints"))
+    p.add_argument("--ckpt-every", type=float, default=60.0)
+    p.add_argument("--n-scenes", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--continue-shipped", action="store_true",
+                   help="clip: start from the shipped tiny CLIP; vae: fine-tune the shipped VAE's decoder only")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = Ctx(device=device, out=a.out, ckpt_dir=a.ckpt_dir, seed=a.seed, n_scenes=a.n_scenes, ckpt_every=a.ckpt_every)
+    log_path = a.out / "training_log.json"
+    if log_path.exists():
+        ctx.log = json.loads(log_path.read_text())
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    kw = {"batch": a.batch} if a.batch else {}
+    if a.lr:
+        kw["lr"] = a.lr
+    if a.continue_shipped:
+        kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1}}.get(a.stage, {}))
+    if a.stage == "all":
+        per = dict(kv.split("=") for kv in (a.seconds_per_stage or "").split(",") if kv)
+        for stage in STAGES:
+            if stage in per:
+                run_stage(ctx, stage, Budget(a.steps, float(per[stage])), **kw)
+    else:
+        run_stage(ctx, a.stage, Budget(a.steps, a.seconds), **kw)
+
+
+if __name__ == "__main__":
+    main()
