@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import hub_available, hub_reason, pick_device, pick_dtype
+from .runtime import dtype_kwargs, hub_available, hub_reason, pick_device, pick_dtype, quiet_loading
 
 TASKS = ("text2img", "img2img", "inpaint")
 
@@ -175,10 +175,11 @@ def _load_hub(spec: ModelSpec, task: str, device: torch.device, dtype):
         print(f"load_pipeline: warning: {spec.key} in float32 on CPU takes minutes per image; "
               f"'tiny' takes a second")
     cls = _pipeline_class(task)
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(**dtype_kwargs(dtype), safety_checker=None, requires_safety_checker=False)
     if spec.variant and dtype == torch.float16:
         kwargs["variant"] = spec.variant
-    pipe = cls.from_pretrained(spec.repo_id, **kwargs).to(device)
+    with quiet_loading():
+        pipe = cls.from_pretrained(spec.repo_id, **kwargs).to(device)
     return pipe, f"{spec.key} ({spec.repo_id}, {str(dtype).removeprefix('torch.')})"
 
 
@@ -192,7 +193,13 @@ def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
     if tinysd is not None and hasattr(tinysd, "pipeline_dir"):
         folder = tinysd.pipeline_dir(task)
     if folder is not None:
-        pipe = cls.from_pretrained(Path(folder), torch_dtype=dtype)
+        from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+        extra = {}
+        with quiet_loading():
+            if task == "inpaint":  # the 9-channel U-Net ships in its own folder; the rest is shared
+                extra["unet"] = UNet2DConditionModel.from_pretrained(tinysd.inpaint_unet_dir(), **dtype_kwargs(dtype))
+            pipe = cls.from_pretrained(Path(folder), **dtype_kwargs(dtype), **extra)
         return pipe.to(device), "TinySD"
     components = build_standin_components(task)
     if dtype != torch.float32:  # nn.Module.half()/bfloat16(): diffusers' .to(dtype) warns on hand-built models

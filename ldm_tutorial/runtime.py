@@ -5,6 +5,7 @@ global RNGs on purpose. Nothing runs at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -147,3 +148,31 @@ def describe_runtime(timeout: float = 2.0) -> RuntimeInfo:
     auto = "sd15" if (device.type == "cuda" and hub) else "TinySD"
     reason = f"{hub_reason(timeout)} -> {auto}"
     return RuntimeInfo(device=device, dtype=pick_dtype(device), colab=in_colab(), hub=hub, reason=reason)
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The `from_pretrained` keyword for a dtype: diffusers renamed `torch_dtype` to `dtype` (0.36+)
+    and warns on the old name; older diffusers (Colab may pin one) only knows `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401, PLC0415
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide diffusers' and transformers' per-file loading progress bars (noise in a rendered page)."""
+    from diffusers.utils import logging as dlog  # noqa: PLC0415
+    from transformers.utils import logging as tlog  # noqa: PLC0415
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()

@@ -59,32 +59,40 @@ def component_dir(name: str) -> Path:
 def load_vae(device="cpu"):
     """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes)."""
     import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
     from diffusers import AutoencoderKL  # noqa: PLC0415
 
-    return AutoencoderKL.from_pretrained(component_dir("vae"), dtype=torch.float32).to(device).eval()
+    with quiet_loading():
+        return AutoencoderKL.from_pretrained(component_dir("vae"), **dtype_kwargs(torch.float32)).to(device).eval()
 
 
 def load_taesd(device="cpu"):
     """TinySD's AutoencoderTiny preview decoder (works on *scaled* latents, scaling_factor 1.0)."""
     import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
     from diffusers import AutoencoderTiny  # noqa: PLC0415
 
-    return AutoencoderTiny.from_pretrained(component_dir("taesd"), dtype=torch.float32).to(device).eval()
+    with quiet_loading():
+        return AutoencoderTiny.from_pretrained(component_dir("taesd"), **dtype_kwargs(torch.float32)).to(device).eval()
 
 
 def load_clip(device="cpu"):
     """(CLIPModel, CLIPTokenizer) of the tiny CLIP trained on the shapes world."""
     import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import quiet_loading  # noqa: PLC0415
     from transformers import CLIPModel, CLIPTokenizer  # noqa: PLC0415
 
     path = component_dir("clip")
-    return CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval(), CLIPTokenizer.from_pretrained(path)
+    with quiet_loading():
+        return CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval(), CLIPTokenizer.from_pretrained(path)
 
 
 def load_text_encoder(device="cpu"):
     """(CLIPTextModel, CLIPTokenizer): TinySD's frozen text encoder, the tiny CLIP's text tower."""
     import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import quiet_loading  # noqa: PLC0415
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
 
-    te = CLIPTextModel.from_pretrained(component_dir("text_encoder"), dtype=torch.float32).to(device).eval()
+    with quiet_loading():
+        te = CLIPTextModel.from_pretrained(component_dir("text_encoder"), dtype=torch.float32).to(device).eval()
     return te, CLIPTokenizer.from_pretrained(component_dir("tokenizer"))

@@ -233,7 +233,7 @@ def render(scenes: list[Scene], device: torch.device | str = "cpu", size: int = 
     for k in range(max_obj):
         present = torch.tensor([k < len(s.objects) for s in scenes], device=device)
         objs = [s.objects[k] if k < len(s.objects) else s.objects[0] for s in scenes]
-        jit = [s.jitter[k] if k < len(s.objects) else (0, 0) for s in scenes]
+        jit = [s.jitter[k] if k < len(s.jitter) else (0, 0) for s in scenes]  # hand-made scenes: centred
         cx = torch.tensor([(cell_centre(o.position)[0] + j[0]) * scale for o, j in zip(objs, jit)], device=device)
         cy = torch.tensor([(cell_centre(o.position)[1] + j[1]) * scale for o, j in zip(objs, jit)], device=device)
         h = torch.tensor([SIZES[o.size] / 2 * scale for o in objs], device=device)

@@ -571,6 +571,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--vae-loss", choices=("recipe", "ft-mse"), default="recipe",
+                   help="recipe: L1 + perceptual + PatchGAN + KL (LDM); ft-mse: MSE + 0.1 perceptual, no GAN "
+                        "(how Stability fine-tuned sd-vae-ft-mse's decoder)")
     p.add_argument("--continue-shipped", action="store_true",
                    help="clip: start from the shipped tiny CLIP; vae: fine-tune the shipped VAE's decoder only")
     a = p.parse_args(argv)
@@ -589,6 +592,10 @@ def main(argv: list[str] | None = None) -> None:
     kw = {"batch": a.batch} if a.batch else {}
     if a.lr:
         kw["lr"] = a.lr
+    if a.stage == "vae" and a.vae_loss == "ft-mse":
+        from ldm_tutorial.losses import VAELossConfig  # noqa: PLC0415
+
+        kw["loss_cfg"] = VAELossConfig(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1, use_gan=False)
     if a.continue_shipped:
         kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1}}.get(a.stage, {}))
     if a.stage == "all":

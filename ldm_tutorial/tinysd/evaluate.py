@@ -1,0 +1,138 @@
+"""Measure TinySD and print one JSON object of the figures.
+
+    python -m ldm_tutorial.tinysd.evaluate [--quick] [--out FILE]
+
+Figures (all on held-out data the training never saw: scene seeds >= 10_000, held-out photos):
+* parser accuracy on generated scenes (exact match of every object's colour, shape, size, position)
+* tiny CLIP zero-shot retrieval on one-object scenes: the true caption against the 17 captions that
+  differ from it in exactly one attribute (chance 1/18), overall and per attribute
+* VAE: PSNR / SSIM of the round trip on held-out shapes and photos, parser accuracy on the
+  reconstructed shapes, latent std before and after the scaling factor
+* load, encode and decode times on this machine's CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data, load_clip, load_vae, parser, shapes
+
+EVAL_SEED = 10_000          # training scenes come from seeds below this
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (scikit-image, RGB, data range 2) for images in [-1, 1]."""
+    from skimage.metrics import structural_similarity  # noqa: PLC0415
+
+    a = x.float().permute(0, 2, 3, 1).cpu().numpy()
+    b = y.float().permute(0, 2, 3, 1).cpu().numpy()
+    return torch.tensor([structural_similarity(p, q, channel_axis=-1, data_range=2.0) for p, q in zip(a, b)])
+
+
+def parser_accuracy(n: int = 500, seed: int = EVAL_SEED) -> float:
+    scenes = shapes.sample_scenes(n, seed=seed)
+    images = shapes.render(scenes)
+    return float(np.mean([parser.scene_matches(parser.parse_scene(im), s) for im, s in zip(images, scenes)]))
+
+
+def one_attribute_variants(obj: shapes.SceneObject) -> list[tuple[str, shapes.SceneObject]]:
+    """Every object that differs from `obj` in exactly one attribute, with that attribute's name."""
+    out = []
+    for attr, values in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("size", shapes.SIZES),
+                         ("position", shapes.POSITIONS)):
+        for v in values:
+            if v != getattr(obj, attr):
+                out.append((attr, shapes.SceneObject(**{**obj.__dict__, attr: v})))
+    return out
+
+
+@torch.no_grad()
+def clip_retrieval(n: int = 300, seed: int = EVAL_SEED + 1, model=None, tokenizer=None) -> dict:
+    """Top-1 of the true caption among it and its 17 one-attribute variants, one-object scenes."""
+    if model is None:
+        model, tokenizer = load_clip()
+    scenes = shapes.sample_scenes(n, seed=seed, n_objects=1)
+    images = shapes.render(scenes)
+    feats = model.get_image_features(pixel_values=images)
+    img = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)
+    top1, per_attr = [], {a: [] for a in ("colour", "shape", "size", "position")}
+    for i, s in enumerate(scenes):
+        variants = one_attribute_variants(s.objects[0])
+        texts = [s.objects[0].phrase()] + [v.phrase() for _, v in variants]
+        ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        tf = model.get_text_features(input_ids=ids)
+        sim = img[i] @ F.normalize(getattr(tf, "pooler_output", tf), dim=-1).T
+        top1.append(bool(sim.argmax() == 0))
+        for attr in per_attr:
+            rivals = [j + 1 for j, (a, _) in enumerate(variants) if a == attr]
+            per_attr[attr].append(bool(sim[0] > sim[rivals].max()))
+    return {"top1_of_18": float(np.mean(top1)), "chance": 1 / 18,
+            "per_attribute": {a: float(np.mean(v)) for a, v in per_attr.items()}, "n": n}
+
+
+@torch.no_grad()
+def vae_metrics(n_shapes: int = 128, seed: int = EVAL_SEED + 2, vae=None) -> dict:
+    vae = vae if vae is not None else load_vae()
+    scenes = shapes.sample_scenes(n_shapes, seed=seed)
+    x = shapes.render(scenes)
+    photos = data.heldout_photo_crops()
+    out = {}
+    for name, imgs in (("shapes", x), ("photos", photos)):
+        t0 = time.perf_counter()
+        post = vae.encode(imgs).latent_dist
+        t1 = time.perf_counter()
+        rec = vae.decode(post.mode()).sample.clamp(-1, 1)
+        t2 = time.perf_counter()
+        out[name] = {"psnr_db": float(psnr(imgs, rec).mean()), "psnr_db_min": float(psnr(imgs, rec).min()),
+                     "ssim": float(ssim(imgs, rec).mean()), "n": len(imgs),
+                     "encode_ms_per_image": 1000 * (t1 - t0) / len(imgs),
+                     "decode_ms_per_image": 1000 * (t2 - t1) / len(imgs)}
+        if name == "shapes":
+            out[name]["parser_accuracy_on_reconstructions"] = float(np.mean(
+                [parser.scene_matches(parser.parse_scene(r), s) for r, s in zip(rec, scenes)]))
+            z = post.sample(generator=torch.Generator().manual_seed(0))
+            sf = vae.config.scaling_factor
+            out["latents"] = {"std": float(z.std()), "mean": float(z.mean()), "scaling_factor": sf,
+                              "scaled_std": float((z * sf).std()), "shape": list(z.shape[1:])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m ldm_tutorial.tinysd.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller samples (for tests)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    res: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                             "torch": torch.__version__}}
+    t = time.perf_counter()
+    vae = load_vae()
+    clip, tok = load_clip()
+    res["load_seconds"] = {"vae_and_clip": time.perf_counter() - t}
+    res["parser_accuracy"] = parser_accuracy(100 if a.quick else 500)
+    res["clip_retrieval"] = clip_retrieval(60 if a.quick else 300, model=clip, tokenizer=tok)
+    res["vae"] = vae_metrics(32 if a.quick else 128, vae=vae)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
