@@ -26,12 +26,14 @@ unit: venv
 notebooks: venv
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_TIMEOUT) book
 
-# jupyter-cache hashes only code cells: wipe it when the package or the shipped weights change.
+# jupyter-cache hashes only code cells, and Sphinx rebuilds only changed sources: when the package or the
+# shipped weights change, wipe both so every chapter re-executes against the new code.
 book: venv
 	@h=$$(find ldm_tutorial -type f \( -name '*.py' -o -name '*.json' -o -name '*.txt' -o -name '*.safetensors' \) \
 	      -not -path '*/__pycache__/*' | sort | xargs sha256sum | sha256sum | cut -c1-16); \
 	if [ "$$(cat _build/.package_hash 2>/dev/null)" != "$$h" ]; then \
-	  echo "ldm_tutorial changed: clearing the execution cache"; rm -rf _build/.jupyter_cache; fi; \
+	  echo "ldm_tutorial changed: clearing the execution cache and Sphinx's environment"; \
+	  rm -rf _build/.jupyter_cache _build/.doctrees _build/jupyter_execute _build/html; fi; \
 	$(VENV)/bin/jupyter-book build . -W --keep-going -q && mkdir -p _build && echo "$$h" > _build/.package_hash
 	@echo "Open _build/html/index.html"
 

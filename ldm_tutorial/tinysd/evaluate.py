@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller samples (for tests)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--markdown", default=None, help="also write the committed table (benchmarks/tinysd.md)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     res: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -131,7 +132,55 @@ def main(argv: list[str] | None = None) -> dict:
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown_table(res))
     return res
+
+
+def markdown_table(res: dict) -> str:
+    """The committed record: measured figures plus how each shipped model was trained."""
+    import datetime  # noqa: PLC0415
+    import json as _json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from . import WEIGHTS_DIR  # noqa: PLC0415
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    v, c = res["vae"], res["clip_retrieval"]
+    rows = [
+        ("parser accuracy, 500 held-out scenes (exact match)", f"{res['parser_accuracy']:.1%}"),
+        ("tiny CLIP top-1 of 18 (one-object scenes; chance 5.6%)", f"{c['top1_of_18']:.1%}"),
+        *[(f"tiny CLIP beats every rival differing in {a}", f"{x:.1%}") for a, x in c["per_attribute"].items()],
+        ("VAE PSNR, held-out shapes (mean / min)", f"{v['shapes']['psnr_db']:.2f} / {v['shapes']['psnr_db_min']:.2f} dB"),
+        ("VAE SSIM, held-out shapes", f"{v['shapes']['ssim']:.3f}"),
+        ("parser accuracy on VAE reconstructions", f"{v['shapes']['parser_accuracy_on_reconstructions']:.1%}"),
+        ("VAE PSNR, held-out photos (mean / min)", f"{v['photos']['psnr_db']:.2f} / {v['photos']['psnr_db_min']:.2f} dB"),
+        ("VAE SSIM, held-out photos", f"{v['photos']['ssim']:.3f}"),
+        ("latent std before scaling / scaling factor / after", f"{v['latents']['std']:.3f} / "
+         f"{v['latents']['scaling_factor']:.4f} / {v['latents']['scaled_std']:.3f}"),
+        ("VAE encode / decode, ms per 128x128 image (batch)", f"{v['shapes']['encode_ms_per_image']:.1f} / "
+         f"{v['shapes']['decode_ms_per_image']:.1f}"),
+        ("load VAE + CLIP, seconds", f"{res['load_seconds']['vae_and_clip']:.2f}"),
+    ]
+    out = ["# TinySD: measured figures", "",
+           f"`python -m ldm_tutorial.tinysd.evaluate --markdown benchmarks/tinysd.md` on {cpu}, "
+           f"{os.cpu_count()} cores, torch {res['machine']['torch']}, {datetime.date.today()}.", "",
+           "| figure | value |", "|---|---|", *[f"| {k} | {val} |" for k, val in rows], "",
+           "## How the shipped weights were trained", "",
+           "From `ldm_tutorial/tinysd/weights/training_log.json` (written by `python -m ldm_tutorial.tinysd.train`):",
+           "", "| stage | steps | seconds | device |", "|---|---|---|---|"]
+    log_path = WEIGHTS_DIR / "training_log.json"
+    log = _json.loads(log_path.read_text()) if log_path.exists() else {}
+    for stage, r in log.items():
+        dev = r.get("gpu") or r.get("device")
+        out.append(f"| {stage} | {r.get('steps')} | {r.get('seconds', 0):.0f} | {dev} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
