@@ -4,7 +4,10 @@ Chapters use it through one namespace: `import ldm_tutorial as ldm`. Importing i
 are built only when a function is called. The `tinysd` subpackage is imported lazily by
 `load_pipeline("tiny")`.
 """
-from .arch import CONFIGS, attention_table, build_on_meta, count_parameters
+from . import schedules
+from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_bytes, attention_sites, attention_table,
+                   build_on_meta, count_parameters, family_table, record_attention, tiny_sd3_transformer,
+                   tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
 from .models import REGISTRY, TASKS, ModelSpec, load_pipeline
 from .plotting import overlay_heatmap, plot_curves, show_images
 from .runtime import (RuntimeInfo, describe_runtime, hub_available, in_colab, pick_device, pick_dtype,
@@ -13,8 +16,10 @@ from .runtime import (RuntimeInfo, describe_runtime, hub_available, in_colab, pi
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONFIGS", "REGISTRY", "TASKS", "ModelSpec", "RuntimeInfo",
-    "attention_table", "build_on_meta", "count_parameters", "describe_runtime", "hub_available",
-    "in_colab", "load_pipeline", "overlay_heatmap", "pick_device", "pick_dtype", "plot_curves",
-    "seed_everything", "show_images",
+    "CONFIGS", "FAMILY", "REGISTRY", "TASKS", "JointAttentionWrittenOut", "ModelSpec", "RuntimeInfo",
+    "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
+    "describe_runtime", "family_table", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
+    "pick_device", "pick_dtype", "plot_curves", "record_attention", "schedules", "seed_everything",
+    "show_images", "tiny_sd3_transformer", "tiny_sdxl_components", "tiny_sdxl_pipelines",
+    "tiny_sdxl_refiner_components",
 ]

@@ -186,3 +186,402 @@ def attention_table(unet_config: dict[str, Any], image_size: int, vae_scale_fact
         channels = unet_config["block_out_channels"][-1]
         rows.append(AttentionRow((side, side), channels, side * side, (side * side) ** 2))
     return rows
+
+
+# =====================================================================================================
+# The SD family side by side (introduced in chapter 5, "Stable Diffusion versions").
+# =====================================================================================================
+
+# Text tokens that MM-DiT models put into the joint sequence, by the diffusers pipelines' defaults:
+# SD3: 77 CLIP tokens + `max_sequence_length=256` T5 tokens; FLUX.1: `max_sequence_length=512` T5 tokens.
+SD3_TEXT_TOKENS = 77 + 256
+FLUX_TEXT_TOKENS = 512
+CLIP_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    """One component of one model of the family, with its published parameter count (if any)."""
+
+    model: str
+    component: str
+    name: str                      # key of `CONFIGS`
+    kind: str                      # "denoiser", "vae" or "text"
+    image_size: int                # native image side in pixels (text encoders: the model's native size)
+    published: float | None = None
+    source: str = ""
+
+
+FAMILY: tuple[FamilyMember, ...] = (
+    FamilyMember("SD 1.5", "U-Net", "sd15-unet", "denoiser", 512, 860e6, "SDXL paper Tab. 1 (arXiv:2307.01952)"),
+    FamilyMember("SD 2.1", "U-Net", "sd21-unet", "denoiser", 768, 865e6, "SDXL paper Tab. 1 (arXiv:2307.01952)"),
+    FamilyMember("SDXL base", "U-Net", "sdxl-base-unet", "denoiser", 1024, 2.6e9,
+                 "SDXL paper Tab. 1 (arXiv:2307.01952)"),
+    FamilyMember("SDXL refiner", "U-Net", "sdxl-refiner-unet", "denoiser", 1024, None,
+                 "no published U-Net count; the widely repeated 1.3B is wrong"),
+    FamilyMember("SD3-medium", "MM-DiT", "sd3-medium-transformer", "denoiser", 1024, 2e9,
+                 "Stability AI, SD3 Medium release (June 2024)"),
+    FamilyMember("FLUX.1-schnell", "MM-DiT", "flux1-schnell-transformer", "denoiser", 1024, 12e9,
+                 "FLUX.1-schnell model card"),
+    FamilyMember("FLUX.1-dev", "MM-DiT", "flux1-dev-transformer", "denoiser", 1024, 12e9, "FLUX.1-dev model card"),
+    FamilyMember("SD 1.x / 2.x", "VAE", "sd-vae", "vae", 512),
+    FamilyMember("SDXL", "VAE", "sdxl-vae", "vae", 1024),
+    FamilyMember("SD3", "VAE", "sd3-vae", "vae", 1024),
+    FamilyMember("FLUX.1", "VAE", "flux-vae", "vae", 1024),
+    FamilyMember("SD 1.x, SDXL, SD3, FLUX.1", "CLIP ViT-L/14 text", "clip-l-text", "text", 512, 123e6,
+                 "SD v1 model card (CompVis)"),
+    FamilyMember("SD 2.x", "OpenCLIP ViT-H/14 text, 23 of 24 layers", "openclip-h-text-sd2", "text", 768),
+    FamilyMember("SDXL, SD3", "OpenCLIP ViT-bigG/14 text", "openclip-bigg-text", "text", 1024, 817e6 - 123e6,
+                 "SDXL paper Sec. 2.1: both encoders 817M, minus CLIP-L's 123M"),
+    FamilyMember("SD3, FLUX.1", "T5-XXL encoder", "t5-xxl-encoder", "text", 1024, 4.7e9,
+                 "SD3 paper (arXiv:2403.03206)"),
+)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Self- (U-Net) or joint (MM-DiT) attention at one place of a denoiser, for one image.
+
+    `tokens` is the length of the sequence every query attends over: H*W latent positions for a
+    U-Net, image patches plus text tokens for an MM-DiT. Each of `blocks` transformer blocks builds
+    `heads` attention matrices of `tokens` x `tokens` entries (if the matrix is materialized).
+    """
+
+    where: str
+    image_tokens: int
+    text_tokens: int
+    heads: int
+    blocks: int
+
+    @property
+    def tokens(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+    @property
+    def matrix_elements(self) -> int:
+        """Entries of one head's attention matrix."""
+        return self.tokens ** 2
+
+
+def attention_sites(model: nn.Module, image_size: int, vae_scale_factor: int = 8,
+                    text_tokens: int | None = None) -> list[AttentionSite]:
+    """Where a denoiser attends over the image, read from the built model (chapter 5).
+
+    Args:
+        model: a diffusers `UNet2DConditionModel`, `SD3Transformer2DModel` or `FluxTransformer2DModel`
+            (on the meta device is fine).
+        image_size: image side in pixels (square images).
+        vae_scale_factor: pixels per latent along one side (8 for every SD VAE).
+        text_tokens: text tokens in an MM-DiT's joint sequence; default `SD3_TEXT_TOKENS` or
+            `FLUX_TEXT_TOKENS`. Ignored for U-Nets (their text enters by cross-attention).
+    Returns:
+        U-Net: one site per resolution that has transformer blocks (self-attention), highest first,
+        with resolutions that have none left out. MM-DiT: one site per kind of block.
+    """
+    if image_size % vae_scale_factor:
+        raise ValueError(f"image_size must be a multiple of vae_scale_factor={vae_scale_factor}, got {image_size}")
+    latent = image_size // vae_scale_factor
+    kind = type(model).__name__
+    if kind == "UNet2DConditionModel":
+        n = len(model.down_blocks)
+        per_side: dict[int, list[int]] = {}       # side -> [heads, blocks]
+
+        def add(block, side):
+            for m in block.modules():
+                if type(m).__name__ == "BasicTransformerBlock":
+                    entry = per_side.setdefault(side, [m.attn1.heads, 0])
+                    entry[1] += 1
+
+        for i, block in enumerate(model.down_blocks):
+            add(block, latent // 2 ** i)
+        add(model.mid_block, latent // 2 ** (n - 1))
+        for j, block in enumerate(model.up_blocks):
+            add(block, latent // 2 ** (n - 1 - j))
+        return [AttentionSite(f"{s}x{s}", s * s, 0, h, b) for s, (h, b) in sorted(per_side.items(), reverse=True)]
+    if kind == "SD3Transformer2DModel":
+        p = model.config.patch_size
+        side = latent // p
+        txt = SD3_TEXT_TOKENS if text_tokens is None else text_tokens
+        return [AttentionSite(f"joint {side}x{side} patches + {txt} text", side * side, txt,
+                              model.config.num_attention_heads, len(model.transformer_blocks))]
+    if kind == "FluxTransformer2DModel":
+        side = latent // 2                         # the pipeline packs 2x2 latent patches into 64 channels
+        txt = FLUX_TEXT_TOKENS if text_tokens is None else text_tokens
+        heads = model.config.num_attention_heads
+        return [AttentionSite(f"joint (double) {side}x{side} + {txt} text", side * side, txt, heads,
+                              len(model.transformer_blocks)),
+                AttentionSite(f"joint (single) {side}x{side} + {txt} text", side * side, txt, heads,
+                              len(model.single_transformer_blocks))]
+    raise ValueError(f"model must be a UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel, got {kind}")
+
+
+def attention_matrix_bytes(sites: list[AttentionSite], dtype_bytes: int = 2, batch: int = 1) -> int:
+    """Bytes of all self/joint-attention matrices of one forward pass, had each been materialized."""
+    return sum(s.blocks * s.heads * s.matrix_elements for s in sites) * dtype_bytes * batch
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    """One row of `family_table`: a component's computed figures beside its published ones."""
+
+    member: FamilyMember
+    params: int
+    fp16_bytes: int
+    width: str          # what the text arrives as: cross-attention width, joint width, or hidden size
+    attention: str      # where attention sits (denoisers), latent format (VAEs), tokens (text encoders)
+
+
+def _describe(member: FamilyMember, model: nn.Module) -> tuple[str, str]:
+    cfg = CONFIGS[member.name].config
+    if member.kind == "denoiser":
+        sites = attention_sites(model, member.image_size)
+        if type(model).__name__ == "UNet2DConditionModel":
+            latent = member.image_size // 8
+            levels = [latent // 2 ** i for i in range(len(model.down_blocks))]
+            have = {s.where: s for s in sites}
+            where = ", ".join(f"{s}²:{have[f'{s}x{s}'].blocks}" if f"{s}x{s}" in have else f"{s}²:-"
+                              for s in levels)
+            mid = latent // 2 ** (len(levels) - 1)
+            if f"{mid}x{mid}" not in have:
+                where += f", {mid}²:-"
+            return f"cross {model.config.cross_attention_dim}", where
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        where = "; ".join(f"{s.blocks} blocks x {s.tokens} tokens" for s in sites)
+        return f"joint {cfg['joint_attention_dim']}->{width}", where
+    if member.kind == "vae":
+        c = model.config
+        shift = c.shift_factor if c.shift_factor is not None else 0
+        return "-", f"{c.latent_channels} ch, scale {c.scaling_factor}, shift {shift}"
+    hidden = cfg.get("hidden_size", cfg.get("d_model"))
+    tokens = cfg.get("max_position_embeddings", "relative positions")
+    return f"hidden {hidden}", f"{tokens} tokens" if isinstance(tokens, int) else "no fixed length (relative)"
+
+
+def family_table(models: dict[str, nn.Module] | None = None) -> list[FamilyRow]:
+    """Parameters, fp16 weight bytes, text width and attention layout of the whole family (chapter 5).
+
+    Args:
+        models: already built modules by `CONFIGS` name (e.g. from `build_on_meta`), to reuse; the
+            missing ones are built on the meta device.
+    Returns:
+        One `FamilyRow` per entry of `FAMILY`, in that order. Shared (tied) weights count once.
+    """
+    models = {} if models is None else models
+    rows = []
+    for member in FAMILY:
+        model = models.get(member.name)
+        if model is None:
+            model = models[member.name] = build_on_meta(member.name)
+        n = count_parameters(model)
+        width, attention = _describe(member, model)
+        rows.append(FamilyRow(member, n, 2 * n, width, attention))
+    return rows
+
+
+# --- A transparent joint-attention processor, and a recorder, for the attention-processor API. ---
+
+class JointAttentionWrittenOut:
+    """MM-DiT joint attention written out (chapter 5): what diffusers' `JointAttnProcessor2_0` does.
+
+    Image tokens and text tokens get their own q/k/v projections, are concatenated into one
+    sequence, attend with one softmax, and are split again. Install with
+    `transformer.set_attn_processor(JointAttentionWrittenOut())`.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n_img, _ = hidden_states.shape                                       # (B, image tokens, C)
+        heads = attn.heads
+
+        def split_heads(x):                                                      # (B, N, C) -> (B, heads, N, d)
+            return x.view(b, x.shape[1], heads, -1).transpose(1, 2)
+
+        q, k, v = (split_heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (split_heads(f(encoder_hidden_states))
+                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = (torch.cat([x, c], dim=2) for x, c in ((q, cq), (k, ck), (v, cv)))  # (B, heads, N_img+N_txt, d)
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5                     # (B, heads, N, N)
+        out = scores.softmax(dim=-1) @ v                                          # (B, heads, N, d)
+        out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1])            # (B, N, C)
+        img, txt = out[:, :n_img], out[:, n_img:]
+        img = attn.to_out[1](attn.to_out[0](img))
+        if encoder_hidden_states is None:
+            return img
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+
+@dataclass
+class AttentionCall:
+    """One call of an attention layer: its name, query and key sequence lengths, and heads."""
+
+    name: str
+    query_tokens: int
+    key_tokens: int
+    heads: int
+
+
+class _Recorder:
+    def __init__(self, name: str, inner, log: list[AttentionCall]):
+        self.name, self.inner, self.log = name, inner, log
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        joint = encoder_hidden_states is not None and attn.add_q_proj is not None if hasattr(attn, "add_q_proj") else False
+        if encoder_hidden_states is None:
+            q, k = n, n                                              # self-attention
+        elif joint:
+            q = k = n + encoder_hidden_states.shape[1]               # one joint sequence
+        else:
+            q, k = n, encoder_hidden_states.shape[1]                 # cross-attention
+        self.log.append(AttentionCall(self.name, q, k, attn.heads))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
+class record_attention:
+    """Context manager: record every attention call of `model` through the attention-processor API.
+
+    Usage: `with ldm.record_attention(unet) as calls: unet(...)`; `calls` is a list of
+    `AttentionCall`. The model's own processors are wrapped, not replaced, and restored on exit.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> list[AttentionCall]:
+        self.original = dict(self.model.attn_processors)
+        self.calls: list[AttentionCall] = []
+        self.model.set_attn_processor({name: _Recorder(name.removesuffix(".processor"), proc, self.calls)
+                                       for name, proc in self.original.items()})
+        return self.calls
+
+    def __exit__(self, *exc) -> None:
+        self.model.set_attn_processor(self.original)
+
+
+# --- Tiny random-weight SDXL and SD3 components (diffusers-test style), built in memory. ---
+
+TINY_SDXL = dict(clip_l_width=16, clip_g_width=32, time_id_width=8)
+
+
+def _tiny_clip(width: int, tokenizer, with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=width, intermediate_size=2 * width, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=width,
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_sdxl_unet(cross_attention_dim: int, n_time_ids: int, pooled_width: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=TINY_SDXL["time_id_width"],
+        projection_class_embeddings_input_dim=pooled_width + n_time_ids * TINY_SDXL["time_id_width"],
+    ).eval()
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """Random-weight components of a tiny SDXL base, for `diffusers.StableDiffusionXLPipeline` (chapter 5).
+
+    Mirrors SDXL's structure at tiny widths: a CLIP-L-like encoder (width 16, the real one 768) and a
+    bigG-like encoder with projection (width 32, the real one 1280) whose penultimate hidden states
+    are concatenated (16 + 32 = 48 = the U-Net's `cross_attention_dim`; SDXL: 2048); a U-Net with
+    `addition_embed_type="text_time"` fed the pooled projection (32) and six size/crop ids of 8
+    sinusoidal features each (32 + 6*8 = 80; SDXL: 1280 + 6*256 = 2816); a 4-channel VAE with
+    `vae_scale_factor` 8; the Euler scheduler SDXL ships with. Same seed, same weights; the global
+    RNG state is left untouched.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+    from .models import build_standin_tokenizer
+
+    tokenizer = build_standin_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        text_encoder = _tiny_clip(TINY_SDXL["clip_l_width"], tokenizer, False, seed)
+        text_encoder_2 = _tiny_clip(TINY_SDXL["clip_g_width"], tokenizer, True, seed + 1)
+        unet = _tiny_sdxl_unet(TINY_SDXL["clip_l_width"] + TINY_SDXL["clip_g_width"], 6,
+                               TINY_SDXL["clip_g_width"], seed + 2)
+        torch.manual_seed(seed + 3)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=128, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), layers_per_block=1, scaling_factor=SDXL_VAE["scaling_factor"],
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        ).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def tiny_sdxl_refiner_components(base: dict, seed: int = 10) -> dict:
+    """Components of a tiny SDXL refiner for `StableDiffusionXLImg2ImgPipeline` (chapter 5).
+
+    Like the real refiner: no CLIP-L (`text_encoder=None`), only the bigG-like encoder, shared with
+    `base` together with the VAE; the U-Net's cross-attention width is that encoder's (32; the real
+    one 1280) and its five added ids are original size, crop corner and an aesthetic score
+    (32 + 5*8 = 72; the real one 1280 + 5*256 = 2560). Build the pipeline with
+    `requires_aesthetics_score=True`.
+    """
+    from diffusers import EulerDiscreteScheduler
+
+    with torch.random.fork_rng(devices=[]):
+        unet = _tiny_sdxl_unet(TINY_SDXL["clip_g_width"], 5, TINY_SDXL["clip_g_width"], seed)
+    return dict(vae=base["vae"], text_encoder=None, text_encoder_2=base["text_encoder_2"], tokenizer=None,
+                tokenizer_2=base["tokenizer_2"], unet=unet,
+                scheduler=EulerDiscreteScheduler.from_config(base["scheduler"].config))
+
+
+TINY_SD3 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                pooled_projection_dim=24, pos_embed_max_size=32)
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """A random-weight `SD3Transformer2DModel` with SD3's structure at tiny widths (chapter 5).
+
+    16 latent channels and 2x2 patches as in SD3-medium; 2 joint blocks of 2 heads x 8 dims
+    (SD3-medium: 24 blocks of 24 x 64); text arrives 32 wide (T5-XXL: 4096) and is projected to 16.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SD3Transformer2DModel(**TINY_SD3).eval()
+
+
+def tiny_sdxl_pipelines(seed: int = 0):
+    """A tiny SDXL base pipeline and its refiner, sharing the bigG-like encoder and the VAE (chapter 5).
+
+    Returns:
+        (`StableDiffusionXLPipeline(**tiny_sdxl_components(seed))`,
+         `StableDiffusionXLImg2ImgPipeline(**tiny_sdxl_refiner_components(...), requires_aesthetics_score=True)`),
+        on the CPU in float32, progress bars off, no invisible watermark.
+    """
+    from .models import _quiet_torchvision_fallback
+
+    _quiet_torchvision_fallback()
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base_components = tiny_sdxl_components(seed)
+    base = StableDiffusionXLPipeline(**base_components, add_watermarker=False)
+    refiner = StableDiffusionXLImg2ImgPipeline(**tiny_sdxl_refiner_components(base_components, seed + 10),
+                                               requires_aesthetics_score=True, add_watermarker=False)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner
