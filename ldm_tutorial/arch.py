@@ -432,7 +432,7 @@ class _Recorder:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
-        joint = encoder_hidden_states is not None and attn.add_q_proj is not None if hasattr(attn, "add_q_proj") else False
+        joint = getattr(attn, "add_q_proj", None) is not None        # MM-DiT: text has its own projections
         if encoder_hidden_states is None:
             q, k = n, n                                              # self-attention
         elif joint:
