@@ -110,10 +110,96 @@ def vae_metrics(n_shapes: int = 128, seed: int = EVAL_SEED + 2, vae=None) -> dic
     return out
 
 
+def seconds_per_image(steps: int = 25, guidance_scale: float = 5.0, repeats: int = 3) -> float:
+    """Wall seconds for one 128x128 image (batch 1, CFG) on this machine: best of `repeats`."""
+    from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+
+    pipe = load_pipeline("tiny", verbose=False)
+    pipe("a red circle", num_inference_steps=2)            # warm-up
+    best = float("inf")
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        pipe("a small red circle on the left", num_inference_steps=steps, guidance_scale=guidance_scale,
+             generator=torch.Generator().manual_seed(r))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fully_correct(parsed: list, wanted: list[shapes.SceneObject]) -> bool:
+    """Every requested object is there (colour, shape, position) and nothing else is."""
+    return all(parser.objects_present(parsed, wanted)) and len(parsed) == len(wanted)
+
+
+@torch.no_grad()
+def prompt_adherence(pipe=None, n_per_count: int = 48, counts: tuple[int, ...] = (1, 2), steps: int = 25,
+                     guidance_scale: float = 5.0, batch: int = 16, seed: int = EVAL_SEED + 3) -> dict:
+    """Share of generated images the parser reads as exactly the prompt, by number of objects."""
+    from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+
+    pipe = pipe or load_pipeline("tiny", verbose=False)
+    out = {"steps": steps, "guidance_scale": guidance_scale, "scheduler": type(pipe.scheduler).__name__}
+    for k in counts:
+        scenes = shapes.sample_scenes(n_per_count, seed=seed + k, n_objects=k)
+        ok = []
+        t0 = time.perf_counter()
+        for i in range(0, n_per_count, batch):
+            chunk = scenes[i:i + batch]
+            images = pipe([shapes.describe(s) for s in chunk], num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
+                          output_type="pt").images * 2 - 1
+            ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
+        out[f"{k}_object"] = {"fully_correct": float(np.mean(ok)), "n": n_per_count,
+                              "seconds_per_image_batched": (time.perf_counter() - t0) / n_per_count}
+    return out
+
+
+@torch.no_grad()
+def inpaint_metrics(pipe=None, n: int = 32, steps: int = 25, guidance_scale: float = 5.0, batch: int = 16,
+                    seed: int = EVAL_SEED + 4) -> dict:
+    """Paint a new object into an empty cell: adherence inside the mask, PSNR outside it."""
+    from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+
+    pipe = pipe or load_pipeline("tiny", task="inpaint", verbose=False)
+    rng = np.random.default_rng(seed)
+    cases = []
+    for scene in shapes.sample_scenes(n, seed=seed, n_objects=None):
+        scene.objects = scene.objects[:2]
+        scene.jitter = scene.jitter[:2]
+        free = [p for p in shapes.POSITIONS if p not in {o.position for o in scene.objects}]
+        used = {o.colour for o in scene.objects}
+        new = shapes.SceneObject(rng.choice([c for c in shapes.COLOURS if c not in used]),
+                                 rng.choice(shapes.SHAPES), "large", rng.choice(free))
+        cases.append((scene, new))
+    ok, psnrs = [], []
+    size = shapes.IMAGE_SIZE
+    for i in range(0, n, batch):
+        chunk = cases[i:i + batch]
+        images = shapes.render([s for s, _ in chunk])
+        masks = torch.zeros(len(chunk), 1, size, size)
+        for j, (_, new) in enumerate(chunk):
+            cx, cy = shapes.cell_centre(new.position)
+            h = size // 6 + 2
+            masks[j, :, max(0, int(cy) - h):int(cy) + h, max(0, int(cx) - h):int(cx) + h] = 1
+        prompts = [shapes.describe(shapes.Scene(s.objects + [new])) for s, new in chunk]
+        result = pipe(prompts, image=(images + 1) / 2, mask_image=masks, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
+                      output_type="pt", height=size, width=size).images * 2 - 1
+        for j, (_, new) in enumerate(chunk):
+            parsed = parser.parse_scene(result[j])
+            ok.append(parser.objects_present(parsed, [new])[0])
+            keep = masks[j] < 0.5
+            mse = ((result[j] - images[j]) ** 2)[keep.expand(3, -1, -1)].mean()
+            psnrs.append(float(10 * torch.log10(4 / mse)))
+    return {"adherence_inside_mask": float(np.mean(ok)), "psnr_outside_mask_db": float(np.mean(psnrs)), "n": n,
+            "steps": steps, "guidance_scale": guidance_scale}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m ldm_tutorial.tinysd.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller samples (for tests)")
+    p.add_argument("--generation", action="store_true",
+                   help="also measure text-to-image prompt adherence and inpainting (slower: a few minutes)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--markdown", default=None, help="also write the committed table (benchmarks/tinysd.md)")
     a = p.parse_args(argv)
@@ -127,6 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     res["parser_accuracy"] = parser_accuracy(100 if a.quick else 500)
     res["clip_retrieval"] = clip_retrieval(60 if a.quick else 300, model=clip, tokenizer=tok)
     res["vae"] = vae_metrics(32 if a.quick else 128, vae=vae)
+    if a.generation:
+        res["text2img"] = prompt_adherence(n_per_count=16 if a.quick else 48)
+        res["inpaint"] = inpaint_metrics(n=16 if a.quick else 32)
+        res["one_image_seconds"] = seconds_per_image()
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
