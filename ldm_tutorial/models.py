@@ -125,7 +125,7 @@ def load_pipeline(name: str = "auto", task: str = "text2img", device: torch.devi
 
     Args:
         name: "auto" (SD 1.5 from the Hub when CUDA and the Hub are available, else "tiny"),
-            "tiny" (the project's TinySD, or a random-weight stand-in while its weights are not shipped),
+            "tiny" (the project's TinySD, shipped inside the package),
             or a registry key such as "sd15".
         task: "text2img", "img2img" or "inpaint".
         device: None picks CUDA when available, else CPU.
@@ -184,32 +184,24 @@ def _load_hub(spec: ModelSpec, task: str, device: torch.device, dtype):
 
 
 def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+    from . import tinysd  # noqa: PLC0415
+
     cls = _pipeline_class(task)
-    folder = None
-    try:
-        from . import tinysd  # written separately; may not exist yet
-    except ImportError:
-        tinysd = None
-    if tinysd is not None and hasattr(tinysd, "pipeline_dir"):
-        folder = tinysd.pipeline_dir(task)
-    if folder is not None:
-        from diffusers import UNet2DConditionModel  # noqa: PLC0415
-
-        extra = {}
-        with quiet_loading():
-            if task == "inpaint":  # the 9-channel U-Net ships in its own folder; the rest is shared
-                extra["unet"] = UNet2DConditionModel.from_pretrained(tinysd.inpaint_unet_dir(), **dtype_kwargs(dtype))
-            pipe = cls.from_pretrained(Path(folder), **dtype_kwargs(dtype), **extra)
-        return pipe.to(device), "TinySD"
-    components = build_standin_components(task)
-    if dtype != torch.float32:  # nn.Module.half()/bfloat16(): diffusers' .to(dtype) warns on hand-built models
-        for key in ("unet", "vae", "text_encoder"):
-            components[key] = getattr(components[key], "half" if dtype == torch.float16 else "bfloat16")()
-    pipe = cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe.to(device), "random-weight stand-in (TinySD weights not shipped yet)"
+    folder = tinysd.pipeline_dir(task)
+    if folder is None:
+        raise FileNotFoundError(f"TinySD's weights are missing from {tinysd.WEIGHTS_DIR}: the package install is "
+                                f"incomplete; reinstall ldm_tutorial (they ship inside it)")
+    extra = {}
+    with quiet_loading():
+        if task == "inpaint":  # the 9-channel U-Net ships in its own folder; the rest is shared
+            extra["unet"] = UNet2DConditionModel.from_pretrained(tinysd.inpaint_unet_dir(), **dtype_kwargs(dtype))
+        pipe = cls.from_pretrained(Path(folder), **dtype_kwargs(dtype), **extra)
+    return pipe.to(device), "TinySD"
 
 
-# --- A random-weight stand-in with TinySD's shape, built in memory (no files, no network). ---
+# --- A tokenizer built in memory (no files, no network), for tiny random-weight models. ---
 
 STANDIN_WORDS = (
     "a an the of on in with and photo painting drawing picture image "
@@ -245,37 +237,3 @@ def build_standin_tokenizer(words: tuple[str, ...] | list[str] = tuple(STANDIN_W
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def build_standin_components(task: str = "text2img", seed: int = 0) -> dict:
-    """Tiny random-weight UNet, VAE (f=8), CLIP text encoder, tokenizer and DDIM scheduler.
-
-    The same seed gives the same weights; the global RNG state is left untouched.
-    """
-    _check_task(task)
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = build_standin_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=9 if task == "inpaint" else 4, out_channels=4,
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=128, norm_num_groups=8,
-            block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, projection_dim=32,
-        ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
-                              steps_offset=1)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                scheduler=scheduler)
