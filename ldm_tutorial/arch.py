@@ -509,9 +509,9 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
-    from .models import build_standin_tokenizer
+    from .tinysd.tokenizer import build_tokenizer
 
-    tokenizer = build_standin_tokenizer()
+    tokenizer = build_tokenizer()                  # TinySD's CLIP tokenizer: each caption word is one token
     with torch.random.fork_rng(devices=[]):
         text_encoder = _tiny_clip(TINY_SDXL["clip_l_width"], tokenizer, False, seed)
         text_encoder_2 = _tiny_clip(TINY_SDXL["clip_g_width"], tokenizer, True, seed + 1)
