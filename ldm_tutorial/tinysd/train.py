@@ -122,6 +122,10 @@ def _save_fp16(model, path: Path, **kwargs) -> None:
     """Save a copy in float16 (half the bytes; loaders upcast with torch_dtype=float32), shards <= 15MB."""
     m = copy.deepcopy(model).to("cpu", torch.float16)
     m.save_pretrained(path, max_shard_size="15MB", **kwargs)
+    cfg_path = Path(path) / "config.json"                 # no machine-specific paths in shipped configs
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.pop("_name_or_path", None) is not None:
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length") -> torch.Tensor:
