@@ -6,7 +6,6 @@ both available, and the project's own TinySD otherwise, and says which and why.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,41 +198,3 @@ def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
             extra["unet"] = UNet2DConditionModel.from_pretrained(tinysd.inpaint_unet_dir(), **dtype_kwargs(dtype))
         pipe = cls.from_pretrained(Path(folder), **dtype_kwargs(dtype), **extra)
     return pipe.to(device), "TinySD"
-
-
-# --- A tokenizer built in memory (no files, no network), for tiny random-weight models. ---
-
-STANDIN_WORDS = (
-    "a an the of on in with and photo painting drawing picture image "
-    "red green blue yellow orange purple black white gray "
-    "circle square triangle star shape background small large big "
-    "cross left right top bottom centre center middle corner upper lower at along there is "
-    "cat dog horse bird astronaut riding moon sky sea tree house apple table"
-).split()
-
-
-def build_standin_tokenizer(words: tuple[str, ...] | list[str] = tuple(STANDIN_WORDS), model_max_length: int = 77):
-    """A CLIP-style BPE tokenizer (transformers `CLIPTokenizer`) trained in memory on `words`.
-
-    BPE is trained with the `tokenizers` library until every word of `words` is one token: encoding
-    replays the training merges, so each of those words round-trips to a single token; other words
-    fall back to letters. No file and no network are needed.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=letters, end_of_word_suffix="</w>")
-    bpe.train_from_iterator([" ".join(w.lower() for w in words)], trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    vocab = dict(state["vocab"])
-    for c in letters:  # letters at the end of an unknown word
-        vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-
-
