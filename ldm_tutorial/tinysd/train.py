@@ -174,7 +174,7 @@ def perturb(obj: shapes.SceneObject, attr: str, rng: np.random.Generator) -> sha
 
 def hard_negative(scene: shapes.Scene, rng: np.random.Generator) -> str:
     k = int(rng.integers(len(scene.objects)))
-    attr = rng.choice(["colour", "shape", "position", "size"], p=[0.2, 0.35, 0.4, 0.05])
+    attr = rng.choice(["colour", "shape", "position", "size"], p=[0.1, 0.6, 0.2, 0.1])
     objs = list(scene.objects)
     objs[k] = perturb(objs[k], attr, rng)
     return shapes.caption(shapes.Scene(objs), rng)
@@ -238,11 +238,12 @@ def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, ini
             save_ckpt(ctx, "clip", dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
             last_ck = time.time()
     bar.close()
+    elapsed = time.time() - budget.start          # training loop only, not setup or export
     save_ckpt(ctx, "clip", dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
     model = model.float().cpu().eval()
     model.save_pretrained(ctx.out / "tinyclip")
     tok.save_pretrained(ctx.out / "tinyclip")
-    return {"steps": step, "final_loss": float(loss.item()), "seconds": time.time() - budget.start}
+    return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed}
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -326,6 +327,7 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
             save_ckpt(ctx, name, state())
             last_ck = time.time()
     bar.close()
+    elapsed = time.time() - budget.start          # training loop only, not setup or export
     save_ckpt(ctx, name, state())
     vae.eval()
     # scaling factor: 1 / std of latents (posterior samples) over training scenes
@@ -333,7 +335,7 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     vae.register_to_config(scaling_factor=sf)
     _save_fp16(vae, ctx.out / "tinysd" / "vae")
     return {"steps": step, "scaling_factor": sf, "disc_start": lossf.cfg.disc_start, **{k: float(v) for k, v in logs.items()},
-            "seconds": time.time() - budget.start}
+            "seconds": elapsed}
 
 
 @torch.no_grad()
@@ -470,6 +472,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             save_ckpt(ctx, name, state())
             last_ck = time.time()
     bar.close()
+    elapsed = time.time() - budget.start          # training loop only, not setup or export
     save_ckpt(ctx, name, state())
     _save_fp16(ema.shadow, ctx.out / ("tinysd-inpaint" if inpaint else "tinysd") / "unet")
     if not inpaint:
@@ -478,7 +481,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     else:
         write_model_index(ctx.out / "tinysd-inpaint", inpaint=True)
     return {"steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "seconds": time.time() - budget.start}
+            "seconds": elapsed}
 
 
 def write_model_index(folder: Path, inpaint: bool = False) -> None:
@@ -534,9 +537,10 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
             save_ckpt(ctx, "taesd", dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
             last_ck = time.time()
     bar.close()
+    elapsed = time.time() - budget.start          # training loop only, not setup or export
     save_ckpt(ctx, "taesd", dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
     _save_fp16(taesd.eval(), ctx.out / "tinysd-taesd")
-    return {"steps": step, "final_loss": float(loss.item()), "seconds": time.time() - budget.start}
+    return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed}
 
 
 # ----------------------------------------------------------------------------- CLI
