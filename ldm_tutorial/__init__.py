@@ -6,8 +6,8 @@ are built only when a function is called. The `tinysd` subpackage is imported la
 """
 from . import schedules
 from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_bytes, attention_sites, attention_table,
-                   build_on_meta, count_parameters, family_table, record_attention, tiny_sd3_transformer,
-                   tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
+                   build_on_meta, count_parameters, family_table, record_attention, sdxl_pipelines,
+                   tiny_sd3_transformer, tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
 from .models import REGISTRY, TASKS, ModelSpec, load_pipeline
 from .plotting import overlay_heatmap, plot_curves, show_images
 from .sampling import SampleOutput, sample
@@ -21,7 +21,7 @@ __all__ = [
     "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
     "describe_runtime", "family_table", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
     "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "SampleOutput", "schedules",
-    "seed_everything",
+    "sdxl_pipelines", "seed_everything",
     "show_images", "tiny_sd3_transformer", "tiny_sdxl_components", "tiny_sdxl_pipelines",
     "tiny_sdxl_refiner_components",
 ]

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .runtime import dtype_kwargs, hub_available, hub_reason, pick_device, pick_dtype, quiet_loading
+
 # --- U-Nets (diffusers UNet2DConditionModel). `attention_head_dim` is diffusers' legacy name for
 # the number of heads per attention layer.
 SD15_UNET = dict(
@@ -585,3 +587,69 @@ def tiny_sdxl_pipelines(seed: int = 0):
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     return base, refiner
+
+
+def sdxl_pipelines(source: str = "auto", device: torch.device | str | None = None, seed: int = 0,
+                   verbose: bool = True):
+    """SDXL base + refiner pipelines: the real ones from the Hub, or the tiny random-weight ones (chapter 5).
+
+    Args:
+        source: "auto" (real when CUDA and the Hub are available, else tiny), "real" or "tiny".
+        device: None picks CUDA when available, else CPU.
+        seed: seed of the tiny weights (ignored for the real ones).
+        verbose: print one line saying what was loaded and why.
+    Returns:
+        (base `StableDiffusionXLPipeline`, refiner `StableDiffusionXLImg2ImgPipeline`, "real" or "tiny").
+        The refiner shares the base's `text_encoder_2` and `vae`; progress bars are off. Real: float16 on
+        CUDA ("fp16" weight files) with the fp16-safe SDXL VAE, float32 on CPU.
+    Raises:
+        ValueError: unknown `source`.
+        RuntimeError: source="real" but the Hub cannot be reached.
+    """
+    from .models import REGISTRY
+
+    if source not in ("auto", "real", "tiny"):
+        raise ValueError(f"source must be 'auto', 'real' or 'tiny', got {source!r}")
+    device = pick_device(device)
+    base_spec, refiner_spec = REGISTRY["sdxl-base"], REGISTRY["sdxl-refiner"]
+    if source == "auto":
+        cuda, hub = device.type == "cuda", hub_available()   # fast when HF_HUB_OFFLINE=1; probe cached
+        source = "real" if cuda and hub else "tiny"
+        why = ([] if hub else [hub_reason()]) + ([] if cuda else ["no CUDA"])
+        reason = "CUDA and the Hub are available" if source == "real" else "; ".join(why)
+    else:
+        reason = "asked for by name"
+
+    if source == "tiny":
+        base, refiner = tiny_sdxl_pipelines(seed)            # built on the CPU in float32
+        label = "tiny random-weight SDXL base + refiner"
+    else:
+        if not hub_available():
+            raise RuntimeError(f"cannot load SDXL ({base_spec.repo_id}): the Hub is {hub_reason()}. "
+                               f"Use sdxl_pipelines('tiny') to run offline.")
+        from .models import _quiet_torchvision_fallback
+
+        _quiet_torchvision_fallback()
+        from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        dtype = pick_dtype(device)
+        kwargs = dtype_kwargs(dtype)
+        with quiet_loading():
+            if dtype == torch.float16:
+                # SDXL's own VAE overflows in float16 (the pipeline would upcast it, with a deprecation
+                # warning); the fp16-fix VAE is the same architecture fine-tuned to stay in range.
+                kwargs["variant"] = base_spec.variant
+                kwargs["vae"] = AutoencoderKL.from_pretrained(REGISTRY["sdxl-vae-fp16-fix"].repo_id,
+                                                              force_upcast=False, **dtype_kwargs(dtype))
+            base = StableDiffusionXLPipeline.from_pretrained(base_spec.repo_id, **kwargs)
+            kwargs["vae"] = base.vae                          # shared with the refiner, as is text_encoder_2
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                refiner_spec.repo_id, text_encoder_2=base.text_encoder_2, **kwargs)
+        dtype_name = str(dtype).removeprefix("torch.")
+        label = f"SDXL base + refiner ({base_spec.repo_id}, {refiner_spec.repo_id}, {dtype_name})"
+    for pipe in (base, refiner):
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+    if verbose:
+        print(f"sdxl_pipelines: {label} on {device.type} ({reason})")
+    return base, refiner, source

@@ -170,3 +170,17 @@ def test_paths_straight_vs_curved():
     assert schedules.path_straightness(schedules.flow_path(x0, noise, t)) == pytest.approx(1.0, abs=1e-9)
     alphas = torch.cos(t * torch.pi / 2) ** 2                   # a variance-preserving path from x0 to noise
     assert schedules.path_straightness(schedules.vp_path(x0, noise, alphas)) == pytest.approx(torch.pi / 8**0.5, abs=0.01)
+
+
+def test_sdxl_pipelines_offline_falls_back_to_tiny_and_real_fails_fast(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, refiner, source = ldm.sdxl_pipelines("auto", device="cpu", seed=0)
+    line = capsys.readouterr().out
+    assert source == "tiny" and "tiny" in line and "offline (HF_HUB_OFFLINE=1)" in line
+    assert type(base).__name__ == "StableDiffusionXLPipeline"
+    assert type(refiner).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert refiner.text_encoder_2 is base.text_encoder_2 and refiner.vae is base.vae
+    with pytest.raises(RuntimeError, match=r"Hub is offline.*sdxl_pipelines\('tiny'\)"):
+        ldm.sdxl_pipelines("real")
+    with pytest.raises(ValueError, match="source must be"):
+        ldm.sdxl_pipelines("sdxl")
