@@ -77,6 +77,8 @@ def test_parser_tells_shapes_apart():
 
 # ----------------------------------------------------------------------------- tokenizer and CLIP
 def test_every_caption_word_is_one_token_and_round_trips():
+    # the same vocabulary on every build (a resumed training run must not see new token ids)
+    assert build_tokenizer().get_vocab() == build_tokenizer().get_vocab()
     for tok in (build_tokenizer(), tinysd.load_text_encoder()[1]):
         for word in shapes.vocabulary():
             assert len(tok.tokenize(word)) == 1, word

@@ -9,10 +9,7 @@ letter) instead of vanishing. Context length 77 and the start/end tokens are CLI
 
 from __future__ import annotations
 
-import json
 import string
-
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from transformers import CLIPTokenizer
 
@@ -22,26 +19,45 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 
 
-def build_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a byte-pair encoding on the grammar's words until each is one token.
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair encoding, learned until every word is one symbol, with deterministic tie-breaks.
 
-    A hand-made merge chain per word does not work: BPE applies the globally lowest-ranked
-    pair first, so the merge 'a n' (from "an") would break "orange" into 'or an g e'. Letting the
-    `tokenizers` BPE trainer learn the merges gives a list that is consistent by construction.
+    Each step merges the most frequent adjacent pair over the word list (ties: the
+    lexicographically smallest pair), exactly as BPE training does, so applying the merges in
+    rank order reproduces every word as a single token. (The `tokenizers` trainer breaks ties by
+    hash order, which changes the vocabulary from run to run: a model trained with one build
+    would not match the next.)
     """
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while any(len(s) > 1 for s in seqs):
+        counts: dict[tuple[str, str], int] = {}
+        for s in seqs:
+            for pair in zip(s, s[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, s in enumerate(seqs):
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[k] = out
+    return merges
+
+
+def build_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary (every character, alone and word-final, every merged symbol, start/end) and merges."""
     words = vocabulary() if words is None else words
     alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=10_000, end_of_word_suffix="</w>", initial_alphabet=alphabet,
-                                  show_progress=False, min_frequency=1)
-    bpe.train_from_iterator([" ".join(words)] * 4, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    for tok in alphabet + [c + "</w>" for c in alphabet] + [BOS, EOS]:
-        if tok not in vocab:
-            vocab[tok] = len(vocab)
+    merges = learn_merges(words)
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS]:
+        vocab.setdefault(tok, len(vocab))
     return vocab, merges
 
 

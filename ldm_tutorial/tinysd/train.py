@@ -195,12 +195,13 @@ def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, ini
 
     torch.manual_seed(ctx.seed)
     images, scenes = ctx.dataset()     # render first: worker processes fork before CUDA starts
-    if init_from_shipped and not (ctx.ckpt_dir / "clip.pt").exists():
-        tok = CLIPTokenizer.from_pretrained(ctx.out / "tinyclip")   # the vocabulary must not change
+    if init_from_shipped:
+        # continuing: the vocabulary must be the shipped one, on every resume too
+        tok = CLIPTokenizer.from_pretrained(ctx.out / "tinyclip")
         model = CLIPModel.from_pretrained(ctx.out / "tinyclip", dtype=torch.float32).to(ctx.device).train()
-        print("[clip] continuing from the shipped weights", flush=True)
+        print("[clip] continuing from the shipped weights and tokenizer", flush=True)
     else:
-        tok = build_tokenizer()
+        tok = build_tokenizer()            # deterministic: a resumed run gets the same vocabulary
         model = configs.new_clip(tok).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     step, rng = 0, np.random.default_rng(ctx.seed + 1)
