@@ -89,10 +89,11 @@ def test_every_caption_word_is_one_token_and_round_trips():
         assert tok.tokenize("zebra") == ["z", "e", "b", "r", "a</w>"]   # unknown words fall back to letters
 
 
-def test_tiny_clip_retrieval_far_above_chance():
-    res = evaluate.clip_retrieval(n=60)
-    assert res["per_attribute"]["colour"] >= 0.9         # chance 1/6
-    assert res["top1_of_18"] >= 3 * res["chance"]
+def test_tiny_clip_zero_shot_retrieval():
+    # the true caption against the 17 that differ from it in one attribute (chance 1/18 = 5.6%)
+    res = evaluate.clip_retrieval(n=150)
+    assert res["top1_of_18"] >= 0.80
+    assert min(res["per_attribute"].values()) >= 0.80    # every attribute is read, not only colour
 
 
 # ----------------------------------------------------------------------------- VAE
