@@ -80,7 +80,6 @@ def random_photo_crops(photos: list[torch.Tensor], n: int, generator: torch.Gene
 
 def _render_chunk(args: tuple[int, int, int | None]) -> tuple[np.ndarray, list]:
     n, seed, n_objects = args
-    torch.set_num_threads(1)
     scenes = shapes.sample_scenes(n, seed=seed, n_objects=n_objects)
     imgs = shapes.render(scenes)
     return ((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(), scenes
@@ -94,7 +93,7 @@ def render_dataset(n: int, seed: int = 0, n_objects: int | None = None, workers:
     if workers == 1 or len(jobs) == 1:
         results = [_render_chunk(j) for j in jobs]
     else:
-        with ProcessPoolExecutor(workers) as ex:
+        with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as ex:
             results = list(ex.map(_render_chunk, jobs))
     images = torch.from_numpy(np.concatenate([r[0] for r in results]))
     scenes = [s for r in results for s in r[1]]

@@ -258,18 +258,26 @@ def markdown_table(res: dict) -> str:
          f"{v['shapes']['decode_ms_per_image']:.1f}"),
         ("load VAE + CLIP, seconds", f"{res['load_seconds']['vae_and_clip']:.2f}"),
     ]
+    if "text2img" in res:
+        t, ip = res["text2img"], res["inpaint"]
+        rows += [(f"text-to-image fully correct, {k.replace('_', ' ')} prompts ({t['steps']} DDIM steps, guidance "
+                  f"{t['guidance_scale']}, n={t[k]['n']})", f"{t[k]['fully_correct']:.1%}") for k in t if k.endswith("_object")]
+        rows += [(f"inpainting: new object right inside the mask (n={ip['n']})", f"{ip['adherence_inside_mask']:.1%}"),
+                 ("inpainting: PSNR outside the mask", f"{ip['psnr_outside_mask_db']:.2f} dB"),
+                 ("one 128x128 image, 25 steps with guidance, batch 1 (best of 3)", f"{res['one_image_seconds']:.2f} s")]
     out = ["# TinySD: measured figures", "",
            f"`python -m ldm_tutorial.tinysd.evaluate --markdown benchmarks/tinysd.md` on {cpu}, "
            f"{os.cpu_count()} cores, torch {res['machine']['torch']}, {datetime.date.today()}.", "",
            "| figure | value |", "|---|---|", *[f"| {k} | {val} |" for k, val in rows], "",
            "## How the shipped weights were trained", "",
            "From `ldm_tutorial/tinysd/weights/training_log.json` (written by `python -m ldm_tutorial.tinysd.train`):",
-           "", "| stage | steps | seconds | device |", "|---|---|---|---|"]
+           "", "| stage | steps | batch | seconds | device | note |", "|---|---|---|---|---|---|"]
     log_path = WEIGHTS_DIR / "training_log.json"
     log = _json.loads(log_path.read_text()) if log_path.exists() else {}
     for stage, r in log.items():
         dev = r.get("gpu") or r.get("device")
-        out.append(f"| {stage} | {r.get('steps')} | {r.get('seconds', 0):.0f} | {dev} |")
+        out.append(f"| {stage} | {r.get('steps')} | {r.get('batch', '')} | {r.get('seconds', 0):.0f} | {dev} | "
+                   f"{r.get('note', '')} |")
     return "\n".join(out) + "\n"
 
 
