@@ -106,6 +106,35 @@ def load_ckpt(ctx: Ctx, stage: str) -> dict | None:
     return None
 
 
+class Progress:
+    """One stage's progress bar and its periodic, resumable checkpoints."""
+
+    def __init__(self, ctx: Ctx, name: str, state_fn):
+        self.ctx, self.name, self.state_fn = ctx, name, state_fn
+        self.bar = tqdm(desc=name, unit="step", mininterval=5)
+        self.last_ck = time.time()
+
+    def tick(self, step: int, postfix_fn) -> None:
+        self.bar.update(1)
+        if step % 50 == 0:
+            self.bar.set_postfix(postfix_fn())
+        if time.time() - self.last_ck > self.ctx.ckpt_every:
+            save_ckpt(self.ctx, self.name, self.state_fn())
+            self.last_ck = time.time()
+
+    def close(self) -> None:
+        self.bar.close()
+        save_ckpt(self.ctx, self.name, self.state_fn())
+
+
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip_params=None) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+
+
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         self.decay = decay
@@ -210,9 +239,12 @@ def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, ini
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step = ck["step"]
         rng = ck["rng"]
     images, scenes = ctx.dataset()
+    def state():
+        return dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+
     budget.restart()
     loss = torch.tensor(float("nan"))
-    last_ck, bar = time.time(), tqdm(desc="clip", unit="step", mininterval=5)
+    progress = Progress(ctx, "clip", state)
     while not budget.done(step):
         idx = rng.integers(len(scenes), size=batch)
         x = data.to_float(images[torch.from_numpy(idx).to(images.device)]).to(ctx.device)
@@ -228,19 +260,11 @@ def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, ini
             logits = scale * img.float() @ txt.float().T          # (B, 2B): own caption, others, hard negatives
             target = torch.arange(batch, device=ctx.device)
             loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch].T, target))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(opt, loss)
         step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if time.time() - last_ck > ctx.ckpt_every:
-            save_ckpt(ctx, "clip", dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
-            last_ck = time.time()
-    bar.close()
+        progress.tick(step, lambda: {"loss": f"{loss.item():.3f}"})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
-    save_ckpt(ctx, "clip", dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
+    progress.close()
     model = model.float().cpu().eval()
     model.save_pretrained(ctx.out / "tinyclip")
     tok.save_pretrained(ctx.out / "tinyclip")
@@ -291,13 +315,12 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     photos = data.load_photos("train")
     last_layer = vae.decoder.conv_out.weight
     logs: dict = {}
-    budget.restart()
-    last_ck, bar = time.time(), tqdm(desc=name, unit="step", mininterval=5)
-
     def state():
         return dict(model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng, loss=lossf.state_dict(),
                     disc_start=lossf.cfg.disc_start, gen=gen.get_state(), opt_d=opt_d.state_dict() if opt_d else None)
 
+    budget.restart()
+    progress = Progress(ctx, name, state)
     while not budget.done(step):
         if lossf.cfg.disc_start >= 10**9 and budget.frac(step) >= disc_start_frac:
             lossf.cfg.disc_start = step          # switch the discriminator on (warm-up over)
@@ -309,27 +332,17 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
             z = post.sample(generator=None)
             x_hat = vae.decode(z).sample
             loss, logs = lossf.generator_loss(x, x_hat.float(), post.kl(), step, last_layer)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(opt, loss)
         if opt_d is not None:
             with ctx.autocast:
                 d_loss = lossf.discriminator_loss(x, x_hat.float(), step)
             if d_loss is not None:
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
+                optimiser_step(opt_d, d_loss)
                 logs["d"] = d_loss.item()
         step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-        if time.time() - last_ck > ctx.ckpt_every:
-            save_ckpt(ctx, name, state())
-            last_ck = time.time()
-    bar.close()
+        progress.tick(step, lambda: {k: f"{v:.3g}" for k, v in logs.items()})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
-    save_ckpt(ctx, name, state())
+    progress.close()
     vae.eval()
     # scaling factor: 1 / std of latents (posterior samples) over training scenes
     sf = vae.config.scaling_factor if decoder_only else latent_std_inverse(vae, images[: min(len(images), 4096)], ctx)
@@ -428,12 +441,12 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     mean, std = ctx._latents
     mask_pool = random_masks(2048, np.random.default_rng(ctx.seed + 23)).to(ctx.device) if inpaint else None
     acp = sched.alphas_cumprod.to(ctx.device)
-    budget.restart()
-    last_ck, bar, losses = time.time(), tqdm(desc=name, unit="step", mininterval=5), []
-
     def state():
         return dict(model=unet.state_dict(), ema=ema.shadow.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
 
+    budget.restart()
+    losses: list[float] = []
+    progress = Progress(ctx, name, state)
     while not budget.done(step):
         idx = rng.integers(len(scenes), size=batch)
         idx_t = torch.from_numpy(idx).to(mean.device)
@@ -459,22 +472,14 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         with ctx.autocast:
             pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
             loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimiser_step(opt, loss, clip_params=unet.parameters())
         ema.update(unet, step)
         step += 1
-        losses.append(loss.item()) if step % 10 == 0 else None
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if time.time() - last_ck > ctx.ckpt_every:
-            save_ckpt(ctx, name, state())
-            last_ck = time.time()
-    bar.close()
+        if step % 10 == 0:
+            losses.append(loss.item())
+        progress.tick(step, lambda: {"loss": f"{np.mean(losses[-20:]):.4f}"})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
-    save_ckpt(ctx, name, state())
+    progress.close()
     _save_fp16(ema.shadow, ctx.out / ("tinysd-inpaint" if inpaint else "tinysd") / "unet")
     if not inpaint:
         configs.new_scheduler().save_pretrained(ctx.out / "tinysd" / "scheduler")
@@ -512,9 +517,12 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
     if ck:
         taesd.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step, rng = ck["step"], ck["rng"]
     images, _ = ctx.dataset()
+    def state():
+        return dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+
     budget.restart()
     loss = torch.tensor(float("nan"))
-    last_ck, bar = time.time(), tqdm(desc="taesd", unit="step", mininterval=5)
+    progress = Progress(ctx, "taesd", state)
     while not budget.done(step):
         idx = torch.from_numpy(rng.integers(len(images), size=batch)).to(images.device)
         x = data.to_float(images[idx]).to(ctx.device)
@@ -527,19 +535,11 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
             z_hat = taesd.encode(x).latents.float()
             x_hat = taesd.decode(z.detach()).sample.float()
             loss = F.l1_loss(z_hat, z) + F.l1_loss(x_hat, target) + F.mse_loss(x_hat, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(opt, loss)
         step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if time.time() - last_ck > ctx.ckpt_every:
-            save_ckpt(ctx, "taesd", dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
-            last_ck = time.time()
-    bar.close()
+        progress.tick(step, lambda: {"loss": f"{loss.item():.4f}"})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
-    save_ckpt(ctx, "taesd", dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng))
+    progress.close()
     _save_fp16(taesd.eval(), ctx.out / "tinysd-taesd")
     return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed}
 
