@@ -42,12 +42,16 @@ def inpaint_unet_dir() -> Path | None:
     return d if (d / "config.json").exists() else None
 
 
-def component_dir(name: str) -> Path:
-    """Folder of one shipped component: text_encoder, tokenizer, unet, vae, scheduler, taesd, clip, inpaint_unet."""
-    dirs = {"taesd": WEIGHTS_DIR / "tinysd-taesd", "clip": WEIGHTS_DIR / "tinyclip",
-            "inpaint_unet": WEIGHTS_DIR / "tinysd-inpaint" / "unet"}
+def component_dir(name: str, weights_dir: Path | None = None) -> Path:
+    """Folder of one component: text_encoder, tokenizer, unet, vae, scheduler, taesd, clip, inpaint_unet.
+
+    weights_dir: the zoo's root (default: the shipped `weights/`; training passes its `--out`).
+    """
+    root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    dirs = {"taesd": root / "tinysd-taesd", "clip": root / "tinyclip",
+            "inpaint_unet": root / "tinysd-inpaint" / "unet"}
     for sub in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
-        dirs[sub] = WEIGHTS_DIR / "tinysd" / sub
+        dirs[sub] = root / "tinysd" / sub
     if name not in dirs:
         raise ValueError(f"name must be one of {sorted(dirs)}, got {name!r}")
     if not dirs[name].exists():
@@ -56,43 +60,43 @@ def component_dir(name: str) -> Path:
     return dirs[name]
 
 
-def load_vae(device="cpu"):
+def load_vae(device="cpu", weights_dir: Path | None = None):
     """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes)."""
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
     from diffusers import AutoencoderKL  # noqa: PLC0415
 
     with quiet_loading():
-        return AutoencoderKL.from_pretrained(component_dir("vae"), **dtype_kwargs(torch.float32)).to(device).eval()
+        return AutoencoderKL.from_pretrained(component_dir("vae", weights_dir), **dtype_kwargs(torch.float32)).to(device).eval()
 
 
-def load_taesd(device="cpu"):
+def load_taesd(device="cpu", weights_dir: Path | None = None):
     """TinySD's AutoencoderTiny preview decoder (works on *scaled* latents, scaling_factor 1.0)."""
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
     from diffusers import AutoencoderTiny  # noqa: PLC0415
 
     with quiet_loading():
-        return AutoencoderTiny.from_pretrained(component_dir("taesd"), **dtype_kwargs(torch.float32)).to(device).eval()
+        return AutoencoderTiny.from_pretrained(component_dir("taesd", weights_dir), **dtype_kwargs(torch.float32)).to(device).eval()
 
 
-def load_clip(device="cpu"):
+def load_clip(device="cpu", weights_dir: Path | None = None):
     """(CLIPModel, CLIPTokenizer) of the tiny CLIP trained on the shapes world."""
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import quiet_loading  # noqa: PLC0415
     from transformers import CLIPModel, CLIPTokenizer  # noqa: PLC0415
 
-    path = component_dir("clip")
+    path = component_dir("clip", weights_dir)
     with quiet_loading():
         return CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval(), CLIPTokenizer.from_pretrained(path)
 
 
-def load_text_encoder(device="cpu"):
+def load_text_encoder(device="cpu", weights_dir: Path | None = None):
     """(CLIPTextModel, CLIPTokenizer): TinySD's frozen text encoder, the tiny CLIP's text tower."""
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import quiet_loading  # noqa: PLC0415
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
 
     with quiet_loading():
-        te = CLIPTextModel.from_pretrained(component_dir("text_encoder"), dtype=torch.float32).to(device).eval()
-    return te, CLIPTokenizer.from_pretrained(component_dir("tokenizer"))
+        te = CLIPTextModel.from_pretrained(component_dir("text_encoder", weights_dir), dtype=torch.float32).to(device).eval()
+    return te, CLIPTokenizer.from_pretrained(component_dir("tokenizer", weights_dir))

@@ -14,7 +14,9 @@ Figures (all on held-out data the training never saw: scene seeds >= 10_000, hel
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import time
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, load_clip, load_vae, parser, shapes
+from . import WEIGHTS_DIR, data, load_clip, load_vae, parser, shapes
 
 EVAL_SEED = 10_000          # training scenes come from seeds below this
 
@@ -48,17 +50,6 @@ def parser_accuracy(n: int = 500, seed: int = EVAL_SEED) -> float:
     return float(np.mean([parser.scene_matches(parser.parse_scene(im), s) for im, s in zip(images, scenes)]))
 
 
-def one_attribute_variants(obj: shapes.SceneObject) -> list[tuple[str, shapes.SceneObject]]:
-    """Every object that differs from `obj` in exactly one attribute, with that attribute's name."""
-    out = []
-    for attr, values in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("size", shapes.SIZES),
-                         ("position", shapes.POSITIONS)):
-        for v in values:
-            if v != getattr(obj, attr):
-                out.append((attr, shapes.SceneObject(**{**obj.__dict__, attr: v})))
-    return out
-
-
 @torch.no_grad()
 def clip_retrieval(n: int = 300, seed: int = EVAL_SEED + 1, model=None, tokenizer=None) -> dict:
     """Top-1 of the true caption among it and its 17 one-attribute variants, one-object scenes."""
@@ -70,7 +61,7 @@ def clip_retrieval(n: int = 300, seed: int = EVAL_SEED + 1, model=None, tokenize
     img = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)
     top1, per_attr = [], {a: [] for a in ("colour", "shape", "size", "position")}
     for i, s in enumerate(scenes):
-        variants = one_attribute_variants(s.objects[0])
+        variants = shapes.one_attribute_variants(s.objects[0])
         texts = [s.objects[0].phrase()] + [v.phrase() for _, v in variants]
         ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
         tf = model.get_text_features(input_ids=ids)
@@ -230,12 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown_table(res: dict) -> str:
     """The committed record: measured figures plus how each shipped model was trained."""
-    import datetime  # noqa: PLC0415
-    import json as _json  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    from . import WEIGHTS_DIR  # noqa: PLC0415
-
     cpu = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -273,7 +258,7 @@ def markdown_table(res: dict) -> str:
            "From `ldm_tutorial/tinysd/weights/training_log.json` (written by `python -m ldm_tutorial.tinysd.train`):",
            "", "| stage | steps | batch | seconds | device | note |", "|---|---|---|---|---|---|"]
     log_path = WEIGHTS_DIR / "training_log.json"
-    log = _json.loads(log_path.read_text()) if log_path.exists() else {}
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
     for stage, r in log.items():
         dev = r.get("gpu") or r.get("device")
         out.append(f"| {stage} | {r.get('steps')} | {r.get('batch', '')} | {r.get('seconds', 0):.0f} | {dev} | "

@@ -117,6 +117,16 @@ def cell_centre(position: str, image_size: int = IMAGE_SIZE) -> tuple[float, flo
     return (col + 0.5) * step, (row + 0.5) * step
 
 
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES),
+                                          "position": POSITIONS}
+
+
+def one_attribute_variants(obj: SceneObject) -> list[tuple[str, SceneObject]]:
+    """Every object that differs from `obj` in exactly one attribute, with that attribute's name."""
+    return [(attr, SceneObject(**{**obj.__dict__, attr: v}))
+            for attr, values in ATTRIBUTES.items() for v in values if v != getattr(obj, attr)]
+
+
 def describe(scene: Scene) -> str:
     """Canonical caption: every object with its size, first phrasing, joined by ' and '."""
     return " and ".join(o.phrase() for o in scene.objects)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import configs, data, shapes
+from . import configs, data, load_text_encoder, load_vae, shapes
 from .tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "inpaint", "taesd")
@@ -178,34 +178,13 @@ def export_text_encoder(ctx: Ctx) -> None:
     CLIPTokenizer.from_pretrained(ctx.out / "tinyclip").save_pretrained(ctx.out / "tinysd" / "tokenizer")
 
 
-def load_text_stack(ctx: Ctx):
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
-
-    tok = CLIPTokenizer.from_pretrained(ctx.out / "tinysd" / "tokenizer")
-    te = CLIPTextModel.from_pretrained(ctx.out / "tinysd" / "text_encoder", dtype=torch.float32)
-    return tok, te.to(ctx.device).eval().requires_grad_(False)
-
-
-def load_vae(ctx: Ctx):
-    from diffusers import AutoencoderKL  # noqa: PLC0415
-
-    return AutoencoderKL.from_pretrained(ctx.out / "tinysd" / "vae", torch_dtype=torch.float32).to(ctx.device).eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------- CLIP
-def perturb(obj: shapes.SceneObject, attr: str, rng: np.random.Generator) -> shapes.SceneObject:
-    """The same object with one attribute changed."""
-    choices = {"colour": list(shapes.COLOURS), "shape": list(shapes.SHAPES), "size": list(shapes.SIZES),
-               "position": list(shapes.POSITIONS)}[attr]
-    new = rng.choice([c for c in choices if c != getattr(obj, attr)])
-    return shapes.SceneObject(**{**obj.__dict__, attr: new})
-
-
 def hard_negative(scene: shapes.Scene, rng: np.random.Generator) -> str:
     k = int(rng.integers(len(scene.objects)))
     attr = rng.choice(["colour", "shape", "position", "size"], p=[0.1, 0.6, 0.2, 0.1])
     objs = list(scene.objects)
-    objs[k] = perturb(objs[k], attr, rng)
+    rivals = [v for a, v in shapes.one_attribute_variants(objs[k]) if a == attr]
+    objs[k] = rivals[int(rng.integers(len(rivals)))]
     return shapes.caption(shapes.Scene(objs), rng)
 
 
@@ -238,7 +217,7 @@ def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, ini
     if ck:
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step = ck["step"]
         rng = ck["rng"]
-    images, scenes = ctx.dataset()
+
     def state():
         return dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
 
@@ -293,7 +272,7 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
 
     torch.manual_seed(ctx.seed)
     if decoder_only:
-        vae = load_vae(ctx).requires_grad_(False)
+        vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
         params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
         for p_ in params:
             p_.requires_grad_(True)
@@ -411,8 +390,9 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     torch.manual_seed(ctx.seed + (7 if inpaint else 5))
     if not inpaint and not (ctx.ckpt_dir / "unet.pt").exists():
         export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
-    tok, te = load_text_stack(ctx)
-    vae = load_vae(ctx)
+    te, tok = load_text_encoder(ctx.device, ctx.out)
+    te.requires_grad_(False)
+    vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
     sf = vae.config.scaling_factor
     sched = configs.new_scheduler()
     if inpaint:
@@ -508,7 +488,7 @@ def write_model_index(folder: Path, inpaint: bool = False) -> None:
 def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> dict:
     """Distil AutoencoderTiny from the VAE: encoder -> scaled latents, decoder -> the VAE's decodes."""
     torch.manual_seed(ctx.seed + 9)
-    vae = load_vae(ctx)
+    vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
     sf = vae.config.scaling_factor
     taesd = configs.new_taesd().to(ctx.device).train()
     opt = torch.optim.Adam(taesd.parameters(), lr=lr)
@@ -517,6 +497,7 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
     if ck:
         taesd.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step, rng = ck["step"], ck["rng"]
     images, _ = ctx.dataset()
+
     def state():
         return dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
 
