@@ -114,6 +114,12 @@ class VAELossConfig:
     disc_weight: float = 0.5
     disc_start: int = 2000          # generator steps before the GAN term is switched on
     use_gan: bool = True
+    # How the summed KL is put next to the per-pixel-mean reconstruction. LDM sums *both* terms over each
+    # image (taming-transformers' LPIPSWithDiscriminator), so its kl_weight=1e-6 weighs a KL summed over
+    # latent elements against a reconstruction summed over the 3*H*W pixel values. "ldm" keeps that ratio:
+    # the summed KL is divided by 3*H*W because our reconstruction is a mean. "sum" adds the summed KL
+    # to the mean reconstruction, which makes the same kl_weight 3*H*W times stronger (49,152x at 128x128).
+    kl_reduction: str = "ldm"
 
 
 class VAELoss(nn.Module):
@@ -126,6 +132,13 @@ class VAELoss(nn.Module):
         self.perceptual = perceptual if perceptual is not None or self.cfg.perceptual_weight == 0 else Perceptual()
         self.discriminator = discriminator if discriminator is not None or not self.cfg.use_gan else PatchDiscriminator()
 
+    def kl_term(self, kl: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """kl_weight * KL as added to the loss; kl: (B,) summed over latent elements, x: the input batch."""
+        c = self.cfg
+        if c.kl_reduction not in ("ldm", "sum"):
+            raise ValueError(f"kl_reduction must be 'ldm' or 'sum', got {c.kl_reduction!r}")
+        return c.kl_weight * kl.mean() / (x[0].numel() if c.kl_reduction == "ldm" else 1)
+
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, kl: torch.Tensor, step: int,
                        last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
         """x, x_hat: (B, 3, H, W) in [-1, 1]; kl: (B,) KL of each posterior to N(0, I)."""
@@ -133,8 +146,7 @@ class VAELoss(nn.Module):
         rec = c.l1_weight * (x - x_hat).abs().mean() + c.l2_weight * ((x - x_hat) ** 2).mean()
         if c.perceptual_weight:
             rec = rec + c.perceptual_weight * self.perceptual(x, x_hat).mean()
-        # KL is summed over latent elements (as in LDM), averaged over the batch
-        loss = rec + c.kl_weight * kl.mean()
+        loss = rec + self.kl_term(kl, x)
         logs = {"rec": rec.item(), "kl": kl.mean().item()}
         if c.use_gan and step >= c.disc_start:
             g_loss = -self.discriminator(x_hat).mean()

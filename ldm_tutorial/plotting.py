@@ -107,12 +107,14 @@ def overlay_heatmap(image, heat, alpha: float = 0.5, size: float = 4.0, cmap: st
 
 
 def plot_curves(series: Mapping[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
-                xlabel: str, ylabel: str, logy: bool = False, size: tuple[float, float] = (6.0, 4.0)):
-    """Plot named curves on one axis.
+                xlabel: str, ylabel: str, logy: bool = False, size: tuple[float, float] = (6.0, 4.0),
+                title: str | None = None):
+    """Plot named curves on one axis (points marked when a curve has at most 30 of them).
 
     Args:
         series: name -> y values (x = 0, 1, ...) or name -> (x values, y values).
         logy: logarithmic y axis.
+        title: optional axis title.
     Returns:
         The matplotlib Figure.
     """
@@ -126,11 +128,14 @@ def plot_curves(series: Mapping[str, Sequence[float] | tuple[Sequence[float], Se
         else:
             y = values
             x = range(len(y))
-        ax.plot(list(x), list(y), marker="o", label=name)
+        y = list(y)
+        ax.plot(list(x), y, marker="o" if len(y) <= 30 else None, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

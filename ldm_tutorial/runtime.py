@@ -176,3 +176,17 @@ def quiet_loading():
             dlog.enable_progress_bar()
         if t_on:
             tlog.enable_progress_bar()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else platform's best guess: for benchmark tables."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform  # noqa: PLC0415
+
+    return platform.processor() or platform.machine()

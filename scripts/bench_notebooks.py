@@ -16,17 +16,9 @@ from pathlib import Path
 
 import psutil
 
+from ldm_tutorial.runtime import cpu_name as cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def tree_rss(proc: psutil.Process) -> int:

@@ -24,24 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..metrics import psnr, ssim  # noqa: F401 - re-exported: evaluate.psnr / evaluate.ssim
 from . import WEIGHTS_DIR, data, load_clip, load_vae, parser, shapes
 
 EVAL_SEED = 10_000          # training scenes come from seeds below this
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (scikit-image, RGB, data range 2) for images in [-1, 1]."""
-    from skimage.metrics import structural_similarity  # noqa: PLC0415
-
-    a = x.float().permute(0, 2, 3, 1).cpu().numpy()
-    b = y.float().permute(0, 2, 3, 1).cpu().numpy()
-    return torch.tensor([structural_similarity(p, q, channel_axis=-1, data_range=2.0) for p, q in zip(a, b)])
 
 
 def parser_accuracy(n: int = 500, seed: int = EVAL_SEED) -> float:

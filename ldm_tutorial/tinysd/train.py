@@ -280,6 +280,9 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     else:
         vae = configs.new_vae(**(vae_overrides or {})).to(ctx.device)
         params = list(vae.parameters())
+    # The shipped VAE (H100, first session) was trained with kl_reduction="sum", i.e. a KL 49,152 times
+    # stronger than LDM's 1e-6 at 128x128 (the VAE-losses chapter measures what that does); later runs
+    # use the LDM ratio, the VAELossConfig default.
     lossf = VAELoss(loss_cfg or VAELossConfig(disc_start=10**9)).to(ctx.device)
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(lossf.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)) if lossf.cfg.use_gan else None
