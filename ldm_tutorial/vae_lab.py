@@ -13,6 +13,7 @@ downsampling factor changes:
 | full       | L1 + perceptual + PatchGAN (the LDM recipe)      | KL 1e-6, f=8    |
 | kl0        | the LDM recipe                                   | KL 0, f=8       |
 | kl1e-2     | the LDM recipe                                   | KL 1e-2, f=8    |
+| kl1e-2_sum | the LDM recipe, KL summed next to a mean L1      | KL 1e-2 x 3HW   |
 | vq         | the LDM recipe, commitment loss instead of KL    | VQ, 512 codes   |
 | f4 / f16   | the LDM recipe                                   | KL 1e-6, f=4/16 |
 
@@ -70,13 +71,15 @@ _NO_GAN = dict(use_gan=False)
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("l2", "L2", dict(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.0, **_NO_GAN)),
     Variant("l1", "L1", dict(perceptual_weight=0.0, **_NO_GAN)),
-    Variant("l1_p", "L1 + perceptual", dict(**_NO_GAN)),
-    Variant("full", "L1 + perceptual + GAN"),
-    Variant("kl0", "full, KL 0", dict(kl_weight=0.0)),
-    Variant("kl1e-2", "full, KL 1e-2", dict(kl_weight=1e-2)),
-    Variant("vq", "full, VQ (512 codes)", dict(kl_weight=0.0), kind="vq"),
-    Variant("f4", "full, f=4", factor=4),
-    Variant("f16", "full, f=16", factor=16),
+    Variant("l1_p", "L1 + P", dict(**_NO_GAN)),
+    Variant("full", "L1 + P + GAN (LDM)"),
+    Variant("kl0", "LDM, KL 0", dict(kl_weight=0.0)),
+    Variant("kl1e-2", "LDM, KL 1e-2", dict(kl_weight=1e-2)),
+    # the same number with the reduction many re-implementations use: 3*H*W times stronger
+    Variant("kl1e-2_sum", "LDM, KL 1e-2 summed", dict(kl_weight=1e-2, kl_reduction="sum")),
+    Variant("vq", "LDM, VQ 512 codes", dict(kl_weight=0.0), kind="vq"),
+    Variant("f4", "LDM, f=4", factor=4),
+    Variant("f16", "LDM, f=16", factor=16),
 ]}
 CODEBOOK_SIZE = 512
 

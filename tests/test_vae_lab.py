@@ -117,3 +117,52 @@ def test_vq_training_logs_commitment_and_codebook_usage():
     _, h = vae_lab.train_variant("vq", 2, batch=2, lab_data=vae_lab.LabData(n_scenes=8), log_every=1, progress=False)
     assert all(c is not None and c >= 0 for c in h["commit"])
     assert all(0 < u <= 1 for u in h["usage"])
+
+
+# ----------------------------------------------------------------------------- shipped checkpoints
+def test_shipped_weights_fit_the_budget():
+    """Each shipped file at most 16 MB, all shipped weights (TinySD and the lab) at most 80 MB."""
+    from ldm_tutorial.tinysd import WEIGHTS_DIR
+
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert max(p.stat().st_size for p in files) <= 16 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 80 * 2**20
+    assert {p.parent.name for p in (WEIGHTS_DIR / "vae-lab").glob("*/config.json")} == set(vae_lab.VARIANTS)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from ldm_tutorial.losses import Perceptual
+
+    evals = vae_lab.eval_images()
+    models = {n: vae_lab.load_variant(n) for n in vae_lab.VARIANTS}
+    judge = Perceptual(seed=1)
+    scores = {n: {k: vae_lab.measure(m, x, perceptual=judge) for k, x in evals.items()} for n, m in models.items()}
+    return evals, models, scores
+
+
+def test_shipped_loss_terms_buy_high_frequencies_on_held_out_shapes(lab):
+    _, _, s = lab
+    hf = {n: s[n]["shapes"]["hf_ratio"] for n in ("l2", "l1", "l1_p", "full")}
+    assert hf["full"] > 2 * hf["l2"], hf                  # the chapter's headline: L2 is measurably blurrier
+    assert hf["l1"] < hf["l1_p"] < hf["full"], hf         # each term added to L1 raises the ratio
+    psnr = {n: s[n]["shapes"]["psnr"] for n in hf}
+    assert max(psnr, key=psnr.get) == "l2", psnr           # ... while PSNR ranks L2 first
+
+
+def test_shipped_downsampling_factor_trades_reconstruction(lab):
+    _, _, s = lab
+    for kind in ("photos", "shapes"):
+        assert s["f4"][kind]["psnr"] > s["full"][kind]["psnr"] > s["f16"][kind]["psnr"], kind
+
+
+def test_shipped_summed_kl_collapses_the_posterior_and_vq_collapses_its_codebook(lab):
+    evals, models, s = lab
+    x = torch.cat(list(evals.values()))
+    with torch.no_grad():
+        collapsed = models["kl1e-2_sum"].encode(x).latent_dist
+        ldm_like = models["kl1e-2"].encode(x).latent_dist
+    assert collapsed.std.mean() > 0.8 > 0.5 > ldm_like.std.mean()          # posterior widths near the prior's 1
+    assert s["full"]["shapes"]["psnr"] - s["kl1e-2_sum"]["shapes"]["psnr"] > 2
+    cb = vae_lab.codebook_stats(models["vq"], x)
+    assert cb["usage"] < 0.5 and cb["perplexity"] < cb["used"]
