@@ -195,3 +195,38 @@ def test_random_masks_are_binary_and_varied():
     cover = m.mean((1, 2, 3))
     assert cover.min() < 0.3 and cover.max() == 1.0            # small holes and full repaints
     assert F.avg_pool2d(m, 8).unique().numel() > 2              # not only 8x8-aligned blocks
+
+
+def test_caption_bank_is_deterministic_and_names_every_object():
+    from ldm_tutorial.tinysd import data
+
+    tok = tinysd.load_text_encoder()[1]
+    scenes = shapes.sample_scenes(6, seed=3)
+    bank = data.caption_bank(scenes, tok, k=3, seed=1, workers=1)
+    assert bank.shape == (6, 3, 77) and bank.dtype == torch.int32
+    torch.testing.assert_close(bank, data.caption_bank(scenes, tok, k=3, seed=1, workers=1))
+    for s, rows in zip(scenes, bank):
+        texts = tok.batch_decode(rows.long(), skip_special_tokens=True)
+        assert len(set(texts)) > 1 or len(s.objects) == 1          # paraphrases, not one caption copied
+        for text in texts:
+            for o in s.objects:
+                assert o.colour in text and o.shape in text, (text, o)
+    with pytest.raises(ValueError, match="k must be"):
+        data.caption_bank(scenes, tok, k=0)
+
+
+def test_unet_stage_trains_from_the_caption_bank(tmp_path):
+    from ldm_tutorial.tinysd import train
+
+    out = tmp_path / "w"
+    for sub in ("tinysd", "tinyclip"):
+        shutil.copytree(tinysd.WEIGHTS_DIR / sub, out / sub)
+    shutil.rmtree(out / "tinysd" / "unet")
+    train.main(["unet", "--n-scenes", "16", "--batch", "4", "--steps", "2", "--out", str(out),
+                "--ckpt-dir", str(tmp_path / "ck")])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["unet"]["steps"] == 2
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "tinysd" / "unet")
+    assert unet.config.cross_attention_dim == tinysd.load_text_encoder(weights_dir=out)[0].config.hidden_size

@@ -56,6 +56,14 @@ class Ctx:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
+    def caption_bank(self, tokenizer, k: int = 8) -> torch.Tensor:
+        """(N, k, 77) token ids of k paraphrases per training scene, on the training device."""
+        if getattr(self, "_bank", None) is None:
+            t = time.time()
+            self._bank = data.caption_bank(self.dataset()[1], tokenizer, k=k, seed=self.seed + 31).to(self.device)
+            print(f"caption bank: {k} paraphrases x {len(self._bank)} scenes in {time.time() - t:.1f}s", flush=True)
+        return self._bank
+
     def dataset(self) -> tuple[torch.Tensor, list]:
         if self._images is None:
             t = time.time()
@@ -422,6 +430,8 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     if getattr(ctx, "_latents", None) is None:
         ctx._latents = encode_dataset(ctx, vae)
     mean, std = ctx._latents
+    bank = ctx.caption_bank(tok)                                          # (N, 8, 77) token ids
+    empty_ids = tokenize(tok, [""], bank.device).to(bank.dtype)           # (1, 77): "" for classifier-free guidance
     mask_pool = random_masks(2048, np.random.default_rng(ctx.seed + 23)).to(ctx.device) if inpaint else None
     acp = sched.alphas_cumprod.to(ctx.device)
     def state():
@@ -434,9 +444,11 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         idx = rng.integers(len(scenes), size=batch)
         idx_t = torch.from_numpy(idx).to(mean.device)
         z0 = (mean[idx_t].float() + std[idx_t].float() * torch.randn_like(mean[idx_t].float())).to(ctx.device) * sf
-        caps = [("" if rng.random() < drop_prob else shapes.caption(scenes[i], rng)) for i in idx]
+        ids = bank[idx_t.to(bank.device), torch.from_numpy(rng.integers(bank.shape[1], size=batch)).to(bank.device)]
+        dropped = torch.from_numpy(rng.random(batch) < drop_prob).to(bank.device)
+        ids = torch.where(dropped[:, None], empty_ids, ids).long()   # caption dropout: the empty prompt
         with torch.no_grad(), ctx.autocast:
-            cond = te(tokenize(tok, caps, ctx.device)).last_hidden_state
+            cond = te(ids).last_hidden_state
         noise = torch.randn_like(z0)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=ctx.device)
         a = acp[t].view(-1, 1, 1, 1)
