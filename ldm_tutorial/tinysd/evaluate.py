@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     vae = load_vae()
     clip, tok = load_clip()
     res["load_seconds"] = {"vae_and_clip": time.perf_counter() - t}
-    res["parser_accuracy"] = parser_accuracy(100 if a.quick else 500)
+    res["parser_scenes"] = 100 if a.quick else 500
+    res["parser_accuracy"] = parser_accuracy(res["parser_scenes"])
     res["clip_retrieval"] = clip_retrieval(60 if a.quick else 300, model=clip, tokenizer=tok)
     res["vae"] = vae_metrics(32 if a.quick else 128, vae=vae)
     if a.generation:
@@ -215,7 +216,7 @@ def markdown_table(res: dict) -> str:
         pass
     v, c = res["vae"], res["clip_retrieval"]
     rows = [
-        ("parser accuracy, 500 held-out scenes (exact match)", f"{res['parser_accuracy']:.1%}"),
+        (f"parser accuracy, {res.get('parser_scenes', 500)} held-out scenes (exact match)", f"{res['parser_accuracy']:.1%}"),
         ("tiny CLIP top-1 of 18 (one-object scenes; chance 5.6%)", f"{c['top1_of_18']:.1%}"),
         *[(f"tiny CLIP beats every rival differing in {a}", f"{x:.1%}") for a, x in c["per_attribute"].items()],
         ("VAE PSNR, held-out shapes (mean / min)", f"{v['shapes']['psnr_db']:.2f} / {v['shapes']['psnr_db_min']:.2f} dB"),
