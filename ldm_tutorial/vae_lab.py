@@ -195,11 +195,12 @@ def measure(model, images: torch.Tensor, perceptual: Perceptual | None = None, c
 # ----------------------------------------------------------------------------- training
 def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float = 5e-4, seed: int = 0,
                   lab_data: LabData | None = None, disc_start_frac: float = 0.5, ckpt: Path | None = None,
-                  ckpt_every: int = 100, log_every: int = 10, progress: bool = True):
+                  ckpt_every: int = 100, log_every: int = 10, progress: bool = True, device: str = "cpu"):
     """Train one variant; returns (model, history). Resumes from `ckpt` (a file) when it exists.
 
     A checkpoint of a finished run can be extended by asking for more steps; the discriminator's
     warm-up stays where the run first put it (`disc_start_frac` of its first step budget).
+    device: "cpu" (default, what the shipped runs used) or "cuda"; data are made on the CPU either way.
 
     history: lists keyed by "step", "rec", "kl", "g", "adaptive_weight", "d", "commit", "usage",
     logged every `log_every` steps, plus "seconds" (training-loop time) and "disc_start".
@@ -207,9 +208,13 @@ def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float
     v = variant if isinstance(variant, Variant) else _variant(variant)
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
-    model = new_model(v, seed=seed)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' needs a CUDA GPU; none is visible (use device='cpu')")
+    model = new_model(v, seed=seed).to(device)
     disc_start = int(steps * disc_start_frac)
-    lossf = VAELoss(v.loss_config(disc_start))
+    lossf = VAELoss(v.loss_config(disc_start)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(lossf.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)) if lossf.cfg.use_gan else None
     gen = torch.Generator().manual_seed(seed + 1)
@@ -218,7 +223,7 @@ def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float
     hist.update(seconds=0.0, disc_start=disc_start, steps=steps, batch=batch, lr=lr)
     step = 0
     if ckpt is not None and Path(ckpt).exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")
         model.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); lossf.load_state_dict(st["loss"])
         if opt_d:
             opt_d.load_state_dict(st["opt_d"])
@@ -232,12 +237,12 @@ def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc=v.name, disable=not progress, mininterval=5)
     while step < steps:
-        x = lab_data.batch(batch, gen)
+        x = lab_data.batch(batch, gen).to(device)
         if v.kind == "vq":
             h = model.encode(x).latents
             z_q, commit, (_, _, idx) = model.quantize(h)
             x_hat = model.decoder(model.post_quant_conv(z_q))
-            kl = torch.zeros(len(x))
+            kl = torch.zeros(len(x), device=device)
         else:
             post = model.encode(x).latent_dist
             x_hat = model.decode(post.sample(generator=sample_gen)).sample
@@ -275,7 +280,7 @@ def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float
     bar.close()
     if ckpt is None:
         hist["seconds"] += time.time() - t0
-    model.eval()
+    model.to("cpu").eval()
     return model, hist
 
 
@@ -360,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/vae-lab"))
     ap.add_argument("--out", type=Path, default=LAB_DIR)
     ap.add_argument("--report", type=Path, default=None, help="measure the checkpoints in --out, write a markdown table")
@@ -377,9 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for n in names:
         model, hist = train_variant(n, args.steps, batch=args.batch, lr=args.lr, seed=args.seed, lab_data=lab_data,
-                                    ckpt=args.ckpt_dir / f"{n}.pt")
+                                    ckpt=args.ckpt_dir / f"{n}.pt", device=args.device)
         model.to(torch.float16).save_pretrained(args.out / n)
-        hist.update(machine=f"{cpu_name()}, {torch.get_num_threads()} CPU thread(s)",   # the lab trains on the CPU
+        hist.update(machine=(torch.cuda.get_device_name() if args.device == "cuda"
+                             else f"{cpu_name()}, {torch.get_num_threads()} CPU thread(s)"),
                     variant=asdict(VARIANTS[n]))
         (args.out / n / "history.json").write_text(json.dumps(hist, indent=1))
         if n == "full":                      # the chapter computes the adaptive weight with the real D

@@ -113,6 +113,15 @@ def test_training_runs_the_gan_after_warmup_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_training_device_is_checked(no_cuda):
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        vae_lab.train_variant("l1", 1, device="tpu")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        vae_lab.train_variant("l1", 1, device="cuda")
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        vae_lab.train_variant("l1", 0)
+
+
 def test_vq_training_logs_commitment_and_codebook_usage():
     _, h = vae_lab.train_variant("vq", 2, batch=2, lab_data=vae_lab.LabData(n_scenes=8), log_every=1, progress=False)
     assert all(c is not None and c >= 0 for c in h["commit"])
