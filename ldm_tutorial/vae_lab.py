@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .losses import Perceptual, VAELoss, VAELossConfig
+from .losses import PatchDiscriminator, Perceptual, VAELoss, VAELossConfig
 from .metrics import high_freq_ratio, psnr, ssim
 from .runtime import cpu_name
 from .tinysd import WEIGHTS_DIR, data, shapes
@@ -183,13 +183,18 @@ def codebook_stats(model, x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def measure(model, images: torch.Tensor, perceptual: Perceptual | None = None, cutoff: float = 0.25) -> dict:
-    """PSNR, SSIM, perceptual distance and high-frequency power ratio of the round trip (means)."""
-    rec = reconstruct(model, images)
+def image_scores(rec: torch.Tensor, images: torch.Tensor, perceptual: Perceptual | None = None,
+                 cutoff: float = 0.25) -> dict:
+    """PSNR, SSIM, perceptual distance and high-frequency power ratio of reconstructions `rec` (means)."""
     perceptual = perceptual or Perceptual()
     return {"psnr": float(psnr(rec, images).mean()), "ssim": float(ssim(rec, images).mean()),
             "perceptual": float(perceptual(images, rec).mean()),
             "hf_ratio": high_freq_ratio(rec, images, cutoff=cutoff)}
+
+
+def measure(model, images: torch.Tensor, perceptual: Perceptual | None = None, cutoff: float = 0.25) -> dict:
+    """`image_scores` of the model's round trip of `images`."""
+    return image_scores(reconstruct(model, images), images, perceptual, cutoff)
 
 
 # ----------------------------------------------------------------------------- training
@@ -240,8 +245,8 @@ def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float
         x = lab_data.batch(batch, gen).to(device)
         if v.kind == "vq":
             h = model.encode(x).latents
-            z_q, commit, (_, _, idx) = model.quantize(h)
-            x_hat = model.decoder(model.post_quant_conv(z_q))
+            z_q, commit, (_, _, idx) = model.quantize(h)              # idx: for the usage log
+            x_hat = model.decode(z_q, force_not_quantize=True).sample    # z_q is quantised already
             kl = torch.zeros(len(x), device=device)
         else:
             post = model.encode(x).latent_dist
@@ -315,8 +320,6 @@ def export_discriminator(ckpt: Path, folder: Path) -> Path:
 def load_discriminator(name: str = "full", lab_dir: Path | None = None):
     """The trained PatchGAN shipped with a GAN variant (only "full" ships one), in float32, eval mode."""
     from safetensors.torch import load_file  # noqa: PLC0415
-
-    from .losses import PatchDiscriminator  # noqa: PLC0415
 
     path = Path(lab_dir or LAB_DIR) / _variant(name).name / "discriminator.safetensors"
     if not path.exists():

@@ -124,8 +124,11 @@ def test_training_device_is_checked(no_cuda):
 
 def test_vq_training_logs_commitment_and_codebook_usage():
     _, h = vae_lab.train_variant("vq", 2, batch=2, lab_data=vae_lab.LabData(n_scenes=8), log_every=1, progress=False)
-    assert all(c is not None and c >= 0 for c in h["commit"])
-    assert all(0 < u <= 1 for u in h["usage"])
+    assert all(c is not None and 0 < c < float("inf") for c in h["commit"])
+    positions = 2 * (vae_lab.CROP // 8) ** 2                      # latent vectors in one batch of 2 crops
+    for u in h["usage"]:
+        used = u * vae_lab.CODEBOOK_SIZE
+        assert abs(used - round(used)) < 1e-9 and 1 <= round(used) <= positions   # a count of distinct codes
 
 
 # ----------------------------------------------------------------------------- shipped checkpoints

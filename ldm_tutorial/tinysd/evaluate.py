@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics import psnr, ssim  # noqa: F401 - re-exported: evaluate.psnr / evaluate.ssim
+from ..runtime import cpu_name
 from . import WEIGHTS_DIR, data, load_clip, load_vae, parser, shapes
 
 EVAL_SEED = 10_000          # training scenes come from seeds below this
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--markdown", default=None, help="also write the committed table (benchmarks/tinysd.md)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    res: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    res: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                              "torch": torch.__version__}}
     t = time.perf_counter()
     vae = load_vae()
