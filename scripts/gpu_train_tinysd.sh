@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # One prepared TinySD training run on a lent GPU (device tool). Weights come back through $OUT.
-# Usage (on the device machine, repo root): bash scripts/gpu_train_tinysd.sh "clip=45,vae=150,..." 500
+# Usage (device machine, repo root):
+#   bash scripts/gpu_train_tinysd.sh "vae=180,unet=220,inpaint=60,taesd=20" 540 50000 "vae=64,unet=512"
+# Stages not named keep the shipped weights (copied to /tmp/w first), so e.g. the tiny CLIP is reused.
+# Off the device machine (a CPU dry run) set OUT and SKIP_PIP=1.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi -L
-python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+OUT=${OUT:?set OUT to a folder for the results}
+if [ -z "${SKIP_PIP:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+W=${W:-/tmp/w}
+nvidia-smi -L 2>/dev/null
+$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+rm -rf "$W" && mkdir -p "$W" && cp -r ldm_tutorial/tinysd/weights/tinyclip ldm_tutorial/tinysd/weights/tinysd \
+  ldm_tutorial/tinysd/weights/training_log.json "$W"/
 # import the tinysd subpackage without the top-level package's notebook helpers
-timeout "${2:-500}" python3 -c "
+timeout "${2:-500}" $PY -c "
 import os, sys, types
 m = types.ModuleType('ldm_tutorial'); m.__path__ = [os.path.abspath('ldm_tutorial')]; sys.modules['ldm_tutorial'] = m
 from ldm_tutorial.tinysd.train import main
-main(['all', '--seconds-per-stage', '${1}', '--n-scenes', '${3:-50000}', '--out', '/tmp/w', '--ckpt-dir', '/tmp/ck', '--ckpt-every', '100000'])
+main(['all', '--seconds-per-stage', '${1}', '--n-scenes', '${3:-50000}', '--batch-per-stage', '${4:-}',
+      '--out', '$W', '--ckpt-dir', '$W-ck', '--ckpt-every', '100000'])
 " 2>&1 | grep -v 'it/s\]$' | tr '\r' '\n' | grep -v '^\s*$' | tail -n 200
 echo "exit: ${PIPESTATUS[0]}"
-ls -la /tmp/w /tmp/w/* 2>/dev/null | head -60
-cp /tmp/w/training_log.json "$OUT/" 2>/dev/null
-tar -C /tmp -cf - w | split -b 15M - "$OUT/weights.tar."
+ls -la "$W" "$W"/* 2>/dev/null | head -60
+cp "$W"/training_log.json "$OUT/" 2>/dev/null
+(cd "$W" && tar -cf - --exclude=tinyclip .) | split -b 15M - "$OUT/weights.tar."
 ls -la "$OUT"

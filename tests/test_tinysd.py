@@ -205,6 +205,9 @@ def test_caption_bank_is_deterministic_and_names_every_object():
     bank = data.caption_bank(scenes, tok, k=3, seed=1, workers=1)
     assert bank.shape == (6, 3, 77) and bank.dtype == torch.int32
     torch.testing.assert_close(bank, data.caption_bank(scenes, tok, k=3, seed=1, workers=1))
+    # tokenised in worker processes, chunk by chunk: the same bank
+    torch.testing.assert_close(data.caption_bank(scenes, tok, k=3, seed=1, workers=2, chunk=2)[:2],
+                               data.caption_bank(scenes[:2], tok, k=3, seed=1, workers=1, chunk=2))
     for s, rows in zip(scenes, bank):
         texts = tok.batch_decode(rows.long(), skip_special_tokens=True)
         assert len(set(texts)) > 1 or len(s.objects) == 1          # paraphrases, not one caption copied

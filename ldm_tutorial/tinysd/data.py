@@ -104,10 +104,12 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float() / 127.5 - 1
 
 
-def _caption_chunk(args: tuple[list, int, int]) -> list[list[str]]:
-    scenes, seed, k = args
+def _caption_chunk(args: tuple) -> np.ndarray:
+    scenes, seed, k, tokenizer = args
     rng = np.random.default_rng(seed)
-    return [[shapes.caption(s, rng) for _ in range(k)] for s in scenes]
+    flat = [shapes.caption(s, rng) for s in scenes for _ in range(k)]
+    return tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="np").input_ids.astype(np.int32)
 
 
 def caption_bank(scenes: list, tokenizer, k: int = 8, seed: int = 0, workers: int | None = None,
@@ -115,20 +117,17 @@ def caption_bank(scenes: list, tokenizer, k: int = 8, seed: int = 0, workers: in
     """Token ids of k random paraphrases of every scene, (N, k, 77) int32, made once before training.
 
     Writing 256 captions and tokenising them costs tens of milliseconds per U-Net step on the CPU,
-    as much as a whole training step on a GPU; indexing this bank costs nothing. Deterministic for
-    (scenes, k, seed, chunk).
+    as much as a whole training step on a GPU; indexing this bank costs nothing. Writing and
+    tokenising both run in worker processes, a chunk of scenes each. Deterministic for
+    (scenes, k, seed, chunk), whatever the number of workers.
     """
     if k < 1:
         raise ValueError(f"k must be a positive number of paraphrases per scene, got {k}")
-    jobs = [(scenes[i:i + chunk], seed * 100_003 + i // chunk, k) for i in range(0, len(scenes), chunk)]
+    jobs = [(scenes[i:i + chunk], seed * 100_003 + i // chunk, k, tokenizer) for i in range(0, len(scenes), chunk)]
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2)))
     if workers == 1 or len(jobs) == 1:
         results = [_caption_chunk(j) for j in jobs]
     else:
         with ProcessPoolExecutor(workers) as ex:
             results = list(ex.map(_caption_chunk, jobs))
-    flat = [c for part in results for caps in part for c in caps]
-    ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(torch.int32)
-    return ids.view(len(scenes), k, -1)
-
+    return torch.from_numpy(np.concatenate(results)).view(len(scenes), k, -1)

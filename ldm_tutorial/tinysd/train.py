@@ -151,8 +151,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach(), 1 - d)
+        # one fused call over all tensors (a Python loop launches one kernel per parameter)
+        torch._foreach_lerp_(list(self.shadow.parameters()), [p.detach() for p in model.parameters()], 1 - d)
 
 
 def _save_fp16(model, path: Path, **kwargs) -> None:
@@ -279,6 +279,7 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     from ldm_tutorial.losses import VAELoss, VAELossConfig  # noqa: PLC0415
 
     torch.manual_seed(ctx.seed)
+    images, _ = ctx.dataset()          # render first: worker processes fork before CUDA starts
     if decoder_only:
         vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
         params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -301,8 +302,7 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
         lossf.load_state_dict(ck["loss"]); lossf.cfg.disc_start = ck["disc_start"]; gen.set_state(ck["gen"])
         if opt_d:
             opt_d.load_state_dict(ck["opt_d"])
-    images, _ = ctx.dataset()
-    photos = data.load_photos("train")
+    photos = [p.to(ctx.device) for p in data.load_photos("train")]   # crops are cut where training runs
     last_layer = vae.decoder.conv_out.weight
     logs: dict = {}
     def state():
@@ -420,7 +420,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         unet = configs.new_unet()
     unet.to(ctx.device).train()
     ema = EMA(unet, ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0, fused=ctx.device.type == "cuda")
     step, rng = 0, np.random.default_rng(ctx.seed + (17 if inpaint else 11))
     ck = load_ckpt(ctx, name)
     if ck:
@@ -553,11 +553,28 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
     log_path = ctx.out / "training_log.json"
     if log_path.exists():     # another stage may have finished meanwhile: merge, don't overwrite
         ctx.log = {**json.loads(log_path.read_text()), **ctx.log}
+    import inspect  # noqa: PLC0415
+
+    params = inspect.signature(train_unet if stage == "inpaint" else fn).parameters
+    res = {**res, **{k: kw.get(k, params[k].default) for k in ("batch", "lr") if k in params}}
     ctx.log[stage] = {**res, "device": str(ctx.device),
                       "gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else None}
     log_path.write_text(json.dumps(ctx.log, indent=2, default=str) + "\n")
     print(f"== {stage} done: {json.dumps(res, default=str)}", flush=True)
     return res
+
+
+def _per_stage(text: str | None, flag: str) -> dict[str, str]:
+    """'vae=180,unet=220' -> {'vae': '180', 'unet': '220'}, with a clear error for a typo."""
+    out = {}
+    for kv in (text or "").split(","):
+        if not kv:
+            continue
+        k, sep, v = kv.partition("=")
+        if not sep or k not in STAGES:
+            raise SystemExit(f"{flag}: expected stage=value with stage in {STAGES}, got {kv!r}")
+        out[k] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -568,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=None)
     p.add_argument("--seconds-per-stage", default=None, help="for 'all': clip=60,vae=170,unet=180,...")
     p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--batch-per-stage", default=None, help="for 'all': vae=64,unet=512,... (else each stage's default)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--ckpt-dir", type=Path, default=Path("checkpoints"))
@@ -588,6 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN pick its fastest kernels once
     ctx = Ctx(device=device, out=a.out, ckpt_dir=a.ckpt_dir, seed=a.seed, n_scenes=a.n_scenes, ckpt_every=a.ckpt_every)
     log_path = a.out / "training_log.json"
     if log_path.exists():
@@ -604,10 +623,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.continue_shipped:
         kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1}}.get(a.stage, {}))
     if a.stage == "all":
-        per = dict(kv.split("=") for kv in (a.seconds_per_stage or "").split(",") if kv)
+        per = _per_stage(a.seconds_per_stage, "--seconds-per-stage")
+        batches = _per_stage(a.batch_per_stage, "--batch-per-stage")
         for stage in STAGES:
             if stage in per:
-                run_stage(ctx, stage, Budget(a.steps, float(per[stage])), **kw)
+                extra = {"batch": int(batches[stage])} if stage in batches else {}
+                run_stage(ctx, stage, Budget(a.steps, float(per[stage])), **{**kw, **extra})
     else:
         run_stage(ctx, a.stage, Budget(a.steps, a.seconds), **kw)
 
