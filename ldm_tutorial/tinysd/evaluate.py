@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     res["clip_retrieval"] = clip_retrieval(60 if a.quick else 300, model=clip, tokenizer=tok)
     res["vae"] = vae_metrics(32 if a.quick else 128, vae=vae)
     if a.generation:
-        res["text2img"] = prompt_adherence(n_per_count=16 if a.quick else 48)
-        res["inpaint"] = inpaint_metrics(n=16 if a.quick else 32)
+        res["text2img"] = prompt_adherence(n_per_count=16 if a.quick else 96)
+        res["inpaint"] = inpaint_metrics(n=16 if a.quick else 64)
         res["one_image_seconds"] = seconds_per_image()
     text = json.dumps(res, indent=2)
     print(text)

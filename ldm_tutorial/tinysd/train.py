@@ -289,9 +289,9 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     else:
         vae = configs.new_vae(**(vae_overrides or {})).to(ctx.device)
         params = list(vae.parameters())
-    # The shipped VAE (H100, first session) was trained with kl_reduction="sum", i.e. a KL 49,152 times
-    # stronger than LDM's 1e-6 at 128x128 (the VAE-losses chapter measures what that does); later runs
-    # use the LDM ratio, the VAELossConfig default.
+    # TinySD's first VAE (H100, first session) was trained with kl_reduction="sum", i.e. a KL 49,152 times
+    # stronger than LDM's 1e-6 at 128x128 (the VAE-losses chapter measures what that does); the shipped
+    # one (third H100 run) uses the LDM ratio, the VAELossConfig default.
     lossf = VAELoss(loss_cfg or VAELossConfig(disc_start=10**9)).to(ctx.device)
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(lossf.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)) if lossf.cfg.use_gan else None
@@ -500,9 +500,29 @@ def write_model_index(folder: Path, inpaint: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- TAESD
-def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> dict:
-    """Distil AutoencoderTiny from the VAE: encoder -> scaled latents, decoder -> the VAE's decodes."""
+@torch.no_grad()
+def taesd_targets(ctx: Ctx, vae, images_u8: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's scaled latents (mode) and its decodes of them, for a fixed pool of images: (z, x_vae uint8)."""
+    sf = vae.config.scaling_factor
+    zs, xs = [], []
+    for i in tqdm(range(0, len(images_u8), batch), desc="taesd targets", mininterval=5):
+        x = data.to_float(images_u8[i:i + batch]).to(ctx.device)
+        with ctx.autocast:
+            z = vae.encode(x).latent_dist.mode().float() * sf
+            target = vae.decode(z / sf).sample.float().clamp(-1, 1)
+        zs.append(z.half())
+        xs.append(((target + 1) * 127.5).round().to(torch.uint8))
+    return torch.cat(zs), torch.cat(xs)
+
+
+def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3, pool: int | None = None) -> dict:
+    """Distil AutoencoderTiny from the VAE: encoder -> scaled latents, decoder -> the VAE's decodes.
+
+    pool: compute the VAE's latents and decodes once for that many training scenes and draw batches
+    from them (on a CPU the two VAE passes cost about ten TAESD steps); None: run the VAE every step.
+    """
     torch.manual_seed(ctx.seed + 9)
+    images, _ = ctx.dataset()
     vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
     sf = vae.config.scaling_factor
     taesd = configs.new_taesd().to(ctx.device).train()
@@ -511,7 +531,8 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
     ck = load_ckpt(ctx, "taesd")
     if ck:
         taesd.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); step, rng = ck["step"], ck["rng"]
-    images, _ = ctx.dataset()
+    cached = taesd_targets(ctx, vae, images[:pool]) if pool else None
+    n_pool = len(cached[0]) if cached else len(images)
 
     def state():
         return dict(model=taesd.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
@@ -520,11 +541,14 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
     loss = torch.tensor(float("nan"))
     progress = Progress(ctx, "taesd", state)
     while not budget.done(step):
-        idx = torch.from_numpy(rng.integers(len(images), size=batch)).to(images.device)
+        idx = torch.from_numpy(rng.integers(n_pool, size=batch)).to(images.device)
         x = data.to_float(images[idx]).to(ctx.device)
-        with torch.no_grad(), ctx.autocast:
-            z = vae.encode(x).latent_dist.mode().float() * sf
-            target = vae.decode(z / sf).sample.float().clamp(-1, 1)
+        if cached:
+            z, target = cached[0][idx].float(), data.to_float(cached[1][idx])
+        else:
+            with torch.no_grad(), ctx.autocast:
+                z = vae.encode(x).latent_dist.mode().float() * sf
+                target = vae.decode(z / sf).sample.float().clamp(-1, 1)
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, budget.frac(step))))
         with ctx.autocast:
@@ -537,7 +561,7 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3) -> 
     elapsed = time.time() - budget.start          # training loop only, not setup or export
     progress.close()
     _save_fp16(taesd.eval(), ctx.out / "tinysd-taesd")
-    return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed}
+    return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed, "target_pool": pool}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -594,6 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--taesd-pool", type=int, default=None,
+                   help="taesd: precompute the VAE's targets for this many scenes (the CPU route), not every step")
     p.add_argument("--vae-loss", choices=("recipe", "ft-mse"), default="recipe",
                    help="recipe: L1 + perceptual + PatchGAN + KL (LDM); ft-mse: MSE + 0.1 perceptual, no GAN "
                         "(how Stability fine-tuned sd-vae-ft-mse's decoder)")
@@ -620,6 +646,8 @@ def main(argv: list[str] | None = None) -> None:
         from ldm_tutorial.losses import VAELossConfig  # noqa: PLC0415
 
         kw["loss_cfg"] = VAELossConfig(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1, use_gan=False)
+    if a.taesd_pool and a.stage == "taesd":
+        kw["pool"] = a.taesd_pool
     if a.continue_shipped:
         kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1}}.get(a.stage, {}))
     if a.stage == "all":
