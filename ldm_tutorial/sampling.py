@@ -17,7 +17,7 @@ import torch
 class SampleOutput:
     images: torch.Tensor                 # (B, 3, H, W) in [-1, 1]
     latents: torch.Tensor                # (B, C, h, w) final, *scaled* latents
-    timesteps: list[int]
+    timesteps: list[int] | list[float]     # flow-matching schedulers use sigma * 1000, not integers
     trajectory: list[torch.Tensor] = field(default_factory=list)   # latents after each step, if kept
 
     def to_pil(self):
@@ -83,7 +83,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
                               else generator.device).to(device)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-    latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+    # (flow-matching schedulers start from unit noise and have no init_noise_sigma / scale_model_input)
+    latents = latents.to(device, dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
 
     step_kwargs = {}
     step_params = inspect.signature(scheduler.step).parameters
@@ -96,7 +97,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
     trajectory = []
     for t in scheduler.timesteps:
         latent_model_input = torch.cat([latents] * 2) if do_cfg else latents              # (2B, C, h, w)
-        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+        if hasattr(scheduler, "scale_model_input"):
+            latent_model_input = scheduler.scale_model_input(latent_model_input, t)
         noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds).sample
         if do_cfg:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
@@ -108,4 +110,4 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
     # 6. Decode: undo the scaling factor, then the VAE decoder
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample                # (B, 3, H, W)
     return SampleOutput(images=images.clamp(-1, 1), latents=latents,
-                        timesteps=[int(t) for t in scheduler.timesteps], trajectory=trajectory)
+                        timesteps=[t.item() for t in scheduler.timesteps], trajectory=trajectory)

@@ -3,6 +3,9 @@
 # Usage (device machine, repo root):
 #   bash scripts/gpu_train_tinysd.sh "vae=180,unet=220,inpaint=60,taesd=20" 540 50000 "vae=64,unet=512"
 # Stages not named keep the shipped weights (copied to /tmp/w first), so e.g. the tiny CLIP is reused.
+# The DDPM-vs-flow comparison (SD-versions chapter) trains the flow U-Net with the shipped U-Net's budget:
+#   bash scripts/gpu_train_tinysd.sh "flow=230" 330 40000 "flow=512"
+# Plan about 80 s of setup (render, pre-encode, caption bank, exports) on top of the stage seconds.
 # Off the device machine (a CPU dry run) set OUT and SKIP_PIP=1.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}

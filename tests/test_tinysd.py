@@ -281,3 +281,54 @@ def test_unet_stage_trains_from_the_caption_bank(tmp_path):
     clip = tinysd.load_clip(weights_dir=out)[0]
     torch.testing.assert_close(te.get_input_embeddings().weight, clip.text_model.get_input_embeddings().weight)
     assert (out / "tinysd" / "unet" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- rectified flow
+def test_flow_targets_follow_the_flow_match_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from ldm_tutorial.tinysd.train import flow_targets
+
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    sigma = torch.tensor([0.0, 0.3, 1.0])
+    zt, target, t = flow_targets(z0, noise, sigma)
+    torch.testing.assert_close(zt[0], z0[0])                 # sigma 0: data
+    torch.testing.assert_close(zt[2], noise[2])              # sigma 1: pure noise
+    torch.testing.assert_close(target, noise - z0)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    torch.testing.assert_close(zt[1:2], sched.scale_noise(z0[1:2], t[1:2], noise[1:2]))   # diffusers' own noising
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_euler_on_a_straight_path_lands_exactly_on_the_data(steps):
+    # The exact velocity of a single data point is constant along the straight line, so Euler is
+    # exact with any number of steps: what "straight paths" buy a rectified flow.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    g = torch.Generator().manual_seed(1)
+    z0, x = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(steps)
+    for t in sched.timesteps:
+        sigma = t / 1000
+        v = (x - z0) / sigma                                 # = noise - z0 on the line through z0
+        x = sched.step(v, t, x).prev_sample
+    torch.testing.assert_close(x, z0, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_stage_trains_and_exports_a_flow_scheduler(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from ldm_tutorial.tinysd import train
+
+    out = tmp_path / "w"
+    shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd", out / "tinysd")
+    train.main(["flow", "--n-scenes", "16", "--batch", "2", "--steps", "2", "--out", str(out),
+                "--ckpt-dir", str(tmp_path / "ck")])
+    assert isinstance(FlowMatchEulerDiscreteScheduler.from_pretrained(out / "tinysd-flow" / "scheduler"),
+                      FlowMatchEulerDiscreteScheduler)
+    unet = UNet2DConditionModel.from_pretrained(out / "tinysd-flow" / "unet")
+    assert unet.config.in_channels == 4
+    log = json.loads((out / "training_log.json").read_text())["flow"]
+    assert log["objective"] == "flow" and log["steps"] == 2
+    with pytest.raises(ValueError, match="objective"):
+        train.train_unet(None, None, objective="v")

@@ -5,6 +5,7 @@
     python -m ldm_tutorial.tinysd.train unet    ...    (needs clip and vae)
     python -m ldm_tutorial.tinysd.train inpaint ...    (needs unet)
     python -m ldm_tutorial.tinysd.train taesd   ...    (needs vae)
+    python -m ldm_tutorial.tinysd.train flow    ...    (needs vae; rectified flow, for the DDPM-vs-flow comparison)
     python -m ldm_tutorial.tinysd.train all --seconds-per-stage clip=60,vae=170,...
 
 Every stage shows a progress bar, writes a resumable checkpoint (`--ckpt-dir`, default
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from . import configs, data, load_text_encoder, load_vae, shapes
 from .tokenizer import build_tokenizer
 
-STAGES = ("clip", "vae", "unet", "inpaint", "taesd")
+STAGES = ("clip", "vae", "unet", "inpaint", "taesd", "flow")
 DEFAULT_OUT = Path(__file__).parent / "weights"
 
 
@@ -394,12 +395,28 @@ def random_masks(n: int, rng: np.random.Generator, size: int = shapes.IMAGE_SIZE
     return torch.from_numpy(out)
 
 
+def flow_targets(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow (SD3's convention): z_sigma = (1 - sigma) z0 + sigma noise, velocity target noise - z0.
+
+    Returns (noisy latents, target, U-Net timestep = sigma * 1000, what FlowMatchEulerDiscreteScheduler feeds).
+    """
+    s = sigma.view(-1, 1, 1, 1)
+    return (1 - s) * z0 + s * noise, noise - z0, sigma * 1000
+
+
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
-               drop_prob: float = 0.1, ema_decay: float = 0.999) -> dict:
-    """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG)."""
-    name = "inpaint" if inpaint else "unet"
+               drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon") -> dict:
+    """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG).
+
+    objective="flow": the same U-Net, data and text encoder trained as a rectified flow instead
+    (velocity target, sigma drawn logit-normal as in SD3), exported to `tinysd-flow/` with a
+    FlowMatchEulerDiscreteScheduler: the SD-versions chapter's DDPM-vs-flow comparison.
+    """
+    if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
+        raise ValueError(f"objective must be 'epsilon' or 'flow' (flow without inpaint), got {objective!r}")
+    name = "inpaint" if inpaint else ("flow" if objective == "flow" else "unet")
     torch.manual_seed(ctx.seed + (7 if inpaint else 5))
-    if not inpaint and not (ctx.ckpt_dir / "unet.pt").exists():
+    if name == "unet" and not (ctx.ckpt_dir / "unet.pt").exists():
         export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
     te, tok = load_text_encoder(ctx.device, ctx.out)
     te.requires_grad_(False)
@@ -450,9 +467,14 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         with torch.no_grad(), ctx.autocast:
             cond = te(ids).last_hidden_state
         noise = torch.randn_like(z0)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=ctx.device)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise            # scheduler.add_noise, written out
+        if objective == "flow":
+            sigma = torch.sigmoid(torch.randn(batch, device=ctx.device))     # logit-normal(0, 1), SD3's default
+            zt, target, t = flow_targets(z0, noise, sigma)
+        else:
+            t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=ctx.device)
+            a = acp[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise            # scheduler.add_noise, written out
+            target = noise
         inp = zt
         if inpaint:
             m = mask_pool[torch.from_numpy(rng.integers(len(mask_pool), size=batch)).to(ctx.device)]
@@ -466,7 +488,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             g["lr"] = lr * min(1.0, (step + 1) / 300)
         with ctx.autocast:
             pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
-            loss = F.mse_loss(pred.float(), noise)
+            loss = F.mse_loss(pred.float(), target)
         optimiser_step(opt, loss, clip_params=unet.parameters())
         ema.update(unet, step)
         step += 1
@@ -475,14 +497,18 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         progress.tick(step, lambda: {"loss": f"{np.mean(losses[-20:]):.4f}"})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
     progress.close()
-    _save_fp16(ema.shadow, ctx.out / ("tinysd-inpaint" if inpaint else "tinysd") / "unet")
-    if not inpaint:
+    _save_fp16(ema.shadow, ctx.out / {"unet": "tinysd", "inpaint": "tinysd-inpaint", "flow": "tinysd-flow"}[name] / "unet")
+    if name == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
+
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(ctx.out / "tinysd-flow" / "scheduler")
+    elif not inpaint:
         configs.new_scheduler().save_pretrained(ctx.out / "tinysd" / "scheduler")
         write_model_index(ctx.out / "tinysd")
     else:
         write_model_index(ctx.out / "tinysd-inpaint", inpaint=True)
     return {"steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "seconds": elapsed}
+            "seconds": elapsed, "objective": objective}
 
 
 def write_model_index(folder: Path, inpaint: bool = False) -> None:
@@ -567,7 +593,8 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3, poo
 # ----------------------------------------------------------------------------- CLI
 def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
     fn = {"clip": train_clip, "vae": train_vae, "unet": train_unet,
-          "inpaint": lambda c, b, **k: train_unet(c, b, inpaint=True, **k), "taesd": train_taesd}[stage]
+          "inpaint": lambda c, b, **k: train_unet(c, b, inpaint=True, **k), "taesd": train_taesd,
+          "flow": lambda c, b, **k: train_unet(c, b, objective="flow", **k)}[stage]
     print(f"== {stage} on {ctx.device} ==", flush=True)
     res = fn(ctx, budget, **kw)
     if kw.get("decoder_only"):
@@ -579,7 +606,7 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
         ctx.log = {**json.loads(log_path.read_text()), **ctx.log}
     import inspect  # noqa: PLC0415
 
-    params = inspect.signature(train_unet if stage == "inpaint" else fn).parameters
+    params = inspect.signature(train_unet if stage in ("inpaint", "flow") else fn).parameters
     res = {**res, **{k: kw.get(k, params[k].default) for k in ("batch", "lr") if k in params}}
     ctx.log[stage] = {**res, "device": str(ctx.device),
                       "gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else None}
