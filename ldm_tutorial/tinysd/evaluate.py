@@ -160,6 +160,11 @@ def prompt_adherence(pipe=None, n_per_count: int = 48, counts: tuple[int, ...] =
             ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
         out[f"{k}_object"] = {"fully_correct": float(np.mean(ok)), "n": n_per_count,
                               "seconds_per_image_batched": (time.perf_counter() - t0) / n_per_count}
+        if k == 1:   # where the errors sit: small objects span 2.5 latent cells, large ones 4
+            for size in shapes.SIZES:
+                hits = [o for o, s in zip(ok, scenes) if s.objects[0].size == size]
+                out["1_object"][f"fully_correct_{size}"] = float(np.mean(hits)) if hits else None
+                out["1_object"][f"n_{size}"] = len(hits)
     return out
 
 
@@ -278,6 +283,10 @@ def markdown_table(res: dict) -> str:
         t, ip = res["text2img"], res["inpaint"]
         rows += [(f"text-to-image fully correct, {k.replace('_', ' ')} prompts ({t['steps']} DDIM steps, guidance "
                   f"{t['guidance_scale']}, n={t[k]['n']})", f"{t[k]['fully_correct']:.1%}") for k in t if k.endswith("_object")]
+        one = t.get("1_object", {})
+        if one.get("n_small"):
+            rows += [(f"... one object, by size: small (n={one['n_small']}) / large (n={one['n_large']})",
+                      f"{one['fully_correct_small']:.1%} / {one['fully_correct_large']:.1%}")]
         rows += [(f"inpainting: new object right inside the mask (n={ip['n']})", f"{ip['adherence_inside_mask']:.1%}"),
                  ("inpainting: PSNR outside the mask (the VAE's round trip of the same pixels: its ceiling)",
                   f"{ip['psnr_outside_mask_db']:.2f} dB ({ip['psnr_outside_mask_vae_round_trip_db']:.2f} dB)"),
