@@ -284,7 +284,7 @@ def markdown_table(res: dict) -> str:
         rows += [(f"text-to-image fully correct, {k.replace('_', ' ')} prompts ({t['steps']} DDIM steps, guidance "
                   f"{t['guidance_scale']}, n={t[k]['n']})", f"{t[k]['fully_correct']:.1%}") for k in t if k.endswith("_object")]
         one = t.get("1_object", {})
-        if one.get("n_small"):
+        if one.get("n_small") and one.get("n_large"):
             rows += [(f"... one object, by size: small (n={one['n_small']}) / large (n={one['n_large']})",
                       f"{one['fully_correct_small']:.1%} / {one['fully_correct_large']:.1%}")]
         rows += [(f"inpainting: new object right inside the mask (n={ip['n']})", f"{ip['adherence_inside_mask']:.1%}"),
