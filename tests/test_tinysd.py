@@ -332,3 +332,26 @@ def test_flow_stage_trains_and_exports_a_flow_scheduler(tmp_path):
     assert log["objective"] == "flow" and log["steps"] == 2
     with pytest.raises(ValueError, match="objective"):
         train.train_unet(None, None, objective="v")
+
+
+def test_inpaint_pool_holds_masked_image_latents_and_continues_the_shipped_unet(tmp_path, vae):
+    from ldm_tutorial.tinysd import data, train
+
+    images, _ = data.render_dataset(4, seed=6, workers=1)
+    masks = train.random_masks(8, np.random.default_rng(0))
+    ctx = train.Ctx(device=torch.device("cpu"), out=tmp_path, ckpt_dir=tmp_path)
+    idx, m, lat = train.inpaint_pool(ctx, vae, images, masks, 3, np.random.default_rng(1), batch=2)
+    assert idx.shape == (3,) and m.shape == (3, 1, 128, 128) and lat.shape == (3, 4, 16, 16)
+    x = data.to_float(images[idx]) * (m < 0.5)                      # diffusers: masked pixels set to 0
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+    torch.testing.assert_close(lat.float(), want, atol=2e-2, rtol=1e-2)
+    out = tmp_path / "w"
+    for sub in ("tinysd", "tinysd-inpaint"):
+        shutil.copytree(tinysd.WEIGHTS_DIR / sub, out / sub)
+    train.main(["inpaint", "--continue-shipped", "--pool", "4", "--n-scenes", "8", "--batch", "2", "--steps", "1",
+                "--out", str(out), "--ckpt-dir", str(tmp_path / "ck")])
+    log = json.loads((out / "training_log.json").read_text())["inpaint-continued"]
+    assert log["continued"] and log["pool"] == 4 and log["steps"] == 1
+    with pytest.raises(ValueError, match="inpainting stage only"):
+        train.train_unet(ctx, train.Budget(1, None), pool=4)

@@ -404,14 +404,39 @@ def flow_targets(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> 
     return (1 - s) * z0 + s * noise, noise - z0, sigma * 1000
 
 
+@torch.no_grad()
+def inpaint_pool(ctx: Ctx, vae, images_u8: torch.Tensor, mask_pool: torch.Tensor, n: int,
+                 rng: np.random.Generator, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n fixed (scene index, mask, masked-image latents) triples, so a CPU step needs no VAE encode."""
+    sf = vae.config.scaling_factor
+    idx = torch.from_numpy(rng.integers(len(images_u8), size=n))
+    pick = torch.from_numpy(rng.integers(len(mask_pool), size=n))
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    masks = torch.where(flip[:, None, None, None], mask_pool[pick].flip(-1), mask_pool[pick]).cpu()
+    lats = []
+    for i in tqdm(range(0, n, batch), desc="inpaint pool", mininterval=5):
+        x = data.to_float(images_u8[idx[i:i + batch].to(images_u8.device)]).to(ctx.device)
+        m = masks[i:i + batch].to(ctx.device)
+        with ctx.autocast:
+            lats.append((vae.encode(x * (m < 0.5)).latent_dist.mode().float() * sf).half().cpu())
+    return idx, masks.to(torch.uint8), torch.cat(lats)
+
+
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
-               drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon") -> dict:
+               drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon",
+               init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300) -> dict:
     """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG).
 
     objective="flow": the same U-Net, data and text encoder trained as a rectified flow instead
     (velocity target, sigma drawn logit-normal as in SD3), exported to `tinysd-flow/` with a
     FlowMatchEulerDiscreteScheduler: the SD-versions chapter's DDPM-vs-flow comparison.
+
+    Inpainting only: init_from_shipped continues the shipped inpainting U-Net (instead of starting
+    from the text U-Net with zero extra channels); pool precomputes that many (scene, mask,
+    masked-image latents) triples, the CPU route (the per-step VAE encode dominates a CPU step).
     """
+    if (init_from_shipped or pool) and not inpaint:
+        raise ValueError("init_from_shipped / pool are for the inpainting stage only")
     if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
         raise ValueError(f"objective must be 'epsilon' or 'flow' (flow without inpaint), got {objective!r}")
     name = "inpaint" if inpaint else ("flow" if objective == "flow" else "unet")
@@ -423,7 +448,12 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
     sf = vae.config.scaling_factor
     sched = configs.new_scheduler()
-    if inpaint:
+    if inpaint and init_from_shipped:
+        from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+        unet = UNet2DConditionModel.from_pretrained(ctx.out / "tinysd-inpaint" / "unet", torch_dtype=torch.float32)
+        print("[inpaint] continuing from the shipped inpainting U-Net", flush=True)
+    elif inpaint:
         from diffusers import UNet2DConditionModel  # noqa: PLC0415
 
         base = UNet2DConditionModel.from_pretrained(ctx.out / "tinysd" / "unet", torch_dtype=torch.float32)
@@ -450,6 +480,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     bank = ctx.caption_bank(tok)                                          # (N, 8, 77) token ids
     empty_ids = tokenize(tok, [""], bank.device).to(bank.dtype)           # (1, 77): "" for classifier-free guidance
     mask_pool = random_masks(2048, np.random.default_rng(ctx.seed + 23)).to(ctx.device) if inpaint else None
+    pooled = inpaint_pool(ctx, vae, images, mask_pool, pool, np.random.default_rng(ctx.seed + 29)) if pool else None
     acp = sched.alphas_cumprod.to(ctx.device)
     def state():
         return dict(model=unet.state_dict(), ema=ema.shadow.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
@@ -458,7 +489,11 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     losses: list[float] = []
     progress = Progress(ctx, name, state)
     while not budget.done(step):
-        idx = rng.integers(len(scenes), size=batch)
+        if pooled:
+            j = torch.from_numpy(rng.integers(len(pooled[0]), size=batch))
+            idx = pooled[0][j].numpy()
+        else:
+            idx = rng.integers(len(scenes), size=batch)
         idx_t = torch.from_numpy(idx).to(mean.device)
         z0 = (mean[idx_t].float() + std[idx_t].float() * torch.randn_like(mean[idx_t].float())).to(ctx.device) * sf
         ids = bank[idx_t.to(bank.device), torch.from_numpy(rng.integers(bank.shape[1], size=batch)).to(bank.device)]
@@ -476,16 +511,20 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise            # scheduler.add_noise, written out
             target = noise
         inp = zt
-        if inpaint:
+        if pooled:
+            m = pooled[1][j].to(ctx.device).float()
+            masked_lat = pooled[2][j].to(ctx.device).float()
+        elif inpaint:
             m = mask_pool[torch.from_numpy(rng.integers(len(mask_pool), size=batch)).to(ctx.device)]
             m = torch.where(torch.rand(batch, 1, 1, 1, device=ctx.device) < 0.5, m, m.flip(-1))
             x = data.to_float(images[idx_t.to(images.device)]).to(ctx.device)
             with torch.no_grad(), ctx.autocast:
                 masked_lat = vae.encode(x * (m < 0.5)).latent_dist.mode().float() * sf
+        if inpaint:
             m_lat = F.interpolate(m, size=z0.shape[-2:])        # diffusers: nearest resize of the mask
             inp = torch.cat([zt, m_lat, masked_lat], dim=1)     # (B, 4 + 1 + 4, 16, 16): diffusers' order
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 300)
+            g["lr"] = lr * min(1.0, (step + 1) / warmup)
         with ctx.autocast:
             pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
             loss = F.mse_loss(pred.float(), target)
@@ -508,7 +547,8 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     else:
         write_model_index(ctx.out / "tinysd-inpaint", inpaint=True)
     return {"steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "seconds": elapsed, "objective": objective}
+            "seconds": elapsed, "objective": objective, **({"pool": pool} if pool else {}),
+            **({"continued": True} if init_from_shipped else {})}
 
 
 def write_model_index(folder: Path, inpaint: bool = False) -> None:
@@ -600,7 +640,7 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
     if kw.get("decoder_only"):
         stage = "vae-decoder-finetune"
     elif kw.get("init_from_shipped"):
-        stage = "clip-continued"
+        stage = f"{stage}-continued"
     log_path = ctx.out / "training_log.json"
     if log_path.exists():     # another stage may have finished meanwhile: merge, don't overwrite
         ctx.log = {**json.loads(log_path.read_text()), **ctx.log}
@@ -645,8 +685,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--taesd-pool", type=int, default=None,
-                   help="taesd: precompute the VAE's targets for this many scenes (the CPU route), not every step")
+    p.add_argument("--taesd-pool", "--pool", dest="pool", type=int, default=None,
+                   help="taesd / inpaint: precompute the VAE's work for this many examples (the CPU route)")
     p.add_argument("--vae-loss", choices=("recipe", "ft-mse"), default="recipe",
                    help="recipe: L1 + perceptual + PatchGAN + KL (LDM); ft-mse: MSE + 0.1 perceptual, no GAN "
                         "(how Stability fine-tuned sd-vae-ft-mse's decoder)")
@@ -673,10 +713,11 @@ def main(argv: list[str] | None = None) -> None:
         from ldm_tutorial.losses import VAELossConfig  # noqa: PLC0415
 
         kw["loss_cfg"] = VAELossConfig(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1, use_gan=False)
-    if a.taesd_pool and a.stage == "taesd":
-        kw["pool"] = a.taesd_pool
+    if a.pool and a.stage in ("taesd", "inpaint"):
+        kw["pool"] = a.pool
     if a.continue_shipped:
-        kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1}}.get(a.stage, {}))
+        kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1},
+                   "inpaint": {"init_from_shipped": True, "warmup": 50}}.get(a.stage, {}))
     if a.stage == "all":
         per = _per_stage(a.seconds_per_stage, "--seconds-per-stage")
         batches = _per_stage(a.batch_per_stage, "--batch-per-stage")
