@@ -35,10 +35,21 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+def psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2).
+
+    mask: optional (B, 1, H, W) boolean, True where pixels count (e.g. outside an inpainting mask).
+    """
     x, y = _check_pair(x, y)
-    mse = ((x - y) ** 2).flatten(1).mean(1)
+    err = (x - y) ** 2
+    if mask is None:
+        mse = err.flatten(1).mean(1)
+    else:
+        b, _, h, w = x.shape
+        if mask.shape != (b, 1, h, w) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {(b, 1, h, w)}, got {mask.dtype} {tuple(mask.shape)}")
+        m = mask.expand_as(err).to(err.dtype)
+        mse = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 

@@ -25,6 +25,18 @@ def test_psnr_matches_its_definition_and_rejects_bad_input():
         metrics.psnr(x, y[:, :, :32])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         metrics.psnr(x[0], y[0])
+    # a mask counts only the pixels it keeps: errors confined to the masked-out half do not count
+    b, _, h, w = x.shape
+    keep = torch.zeros(b, 1, h, w, dtype=torch.bool)
+    keep[..., : w // 2] = True
+    z = x.clone()
+    z[..., w // 2:] = -x[..., w // 2:]
+    assert (metrics.psnr(x, z, mask=keep) > 90).all()                  # 1e-10 floor: 106 dB
+    assert (metrics.psnr(x, z) < 40).all()
+    torch.testing.assert_close(metrics.psnr(x, y, mask=keep),
+                               10 * torch.log10(4 / ((x - y) ** 2)[..., : w // 2].flatten(1).mean(1)))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        metrics.psnr(x, y, mask=keep.float())
 
 
 def test_ssim_is_one_for_identical_images_and_drops_with_noise():

@@ -32,10 +32,14 @@ from . import WEIGHTS_DIR, data, load_clip, load_taesd, load_vae, parser, shapes
 EVAL_SEED = 10_000          # training scenes come from seeds below this
 
 
+def read_back(images: torch.Tensor, scenes: list) -> float:
+    """Share of images the parser reads as exactly their scene (every object's colour, shape, size, cell)."""
+    return float(np.mean([parser.scene_matches(parser.parse_scene(im), s) for im, s in zip(images, scenes)]))
+
+
 def parser_accuracy(n: int = 500, seed: int = EVAL_SEED) -> float:
     scenes = shapes.sample_scenes(n, seed=seed)
-    images = shapes.render(scenes)
-    return float(np.mean([parser.scene_matches(parser.parse_scene(im), s) for im, s in zip(images, scenes)]))
+    return read_back(shapes.render(scenes), scenes)
 
 
 @torch.no_grad()
@@ -80,8 +84,7 @@ def vae_metrics(n_shapes: int = 128, seed: int = EVAL_SEED + 2, vae=None) -> dic
                      "encode_ms_per_image": 1000 * (t1 - t0) / len(imgs),
                      "decode_ms_per_image": 1000 * (t2 - t1) / len(imgs)}
         if name == "shapes":
-            out[name]["parser_accuracy_on_reconstructions"] = float(np.mean(
-                [parser.scene_matches(parser.parse_scene(r), s) for r, s in zip(rec, scenes)]))
+            out[name]["parser_accuracy_on_reconstructions"] = read_back(rec, scenes)
             z = post.sample(generator=torch.Generator().manual_seed(0))
             sf = vae.config.scaling_factor
             out["latents"] = {"std": float(z.std()), "mean": float(z.mean()), "scaling_factor": sf,
@@ -113,8 +116,7 @@ def taesd_metrics(n_shapes: int = 64, seed: int = EVAL_SEED + 5, vae=None, taesd
     return {"n": n_shapes,
             "psnr_preview_vs_vae_decode_db": float(psnr(full, preview).mean()),
             "psnr_vs_original_db": {"vae": float(psnr(x, full).mean()), "taesd": float(psnr(x, preview).mean())},
-            "parser_accuracy": {"vae": float(np.mean([parser.scene_matches(parser.parse_scene(r), s) for r, s in zip(full, scenes)])),
-                                "taesd": float(np.mean([parser.scene_matches(parser.parse_scene(r), s) for r, s in zip(preview, scenes)]))},
+            "parser_accuracy": {"vae": read_back(full, scenes), "taesd": read_back(preview, scenes)},
             "encoder_relative_error": float((z_hat - z).norm() / z.norm()),
             "decode_ms_per_image": {"vae": 1000 * (t1 - t0) / n_shapes, "taesd": 1000 * (t2 - t1) / n_shapes},
             "decode_speedup": (t1 - t0) / (t2 - t1)}
@@ -202,12 +204,9 @@ def inpaint_metrics(pipe=None, n: int = 32, steps: int = 25, guidance_scale: flo
         # the ceiling: the pipeline decodes every pixel through the VAE, so outside the mask it can at
         # best match the VAE's own round trip of the image
         round_trip = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-        for j, (_, new) in enumerate(chunk):
-            parsed = parser.parse_scene(result[j])
-            ok.append(parser.objects_present(parsed, [new])[0])
-            keep = (masks[j] < 0.5).expand(3, -1, -1)
-            psnrs.append(float(10 * torch.log10(4 / ((result[j] - images[j]) ** 2)[keep].mean())))
-            ceiling.append(float(10 * torch.log10(4 / ((round_trip[j] - images[j]) ** 2)[keep].mean())))
+        ok += [parser.objects_present(parser.parse_scene(r), [new])[0] for r, (_, new) in zip(result, chunk)]
+        psnrs += psnr(result, images, mask=masks < 0.5).tolist()
+        ceiling += psnr(round_trip, images, mask=masks < 0.5).tolist()
     return {"adherence_inside_mask": float(np.mean(ok)), "psnr_outside_mask_db": float(np.mean(psnrs)),
             "psnr_outside_mask_vae_round_trip_db": float(np.mean(ceiling)), "n": n,
             "steps": steps, "guidance_scale": guidance_scale}
