@@ -231,7 +231,7 @@ FAMILY: tuple[FamilyMember, ...] = (
     FamilyMember("SD3", "VAE", "sd3-vae", "vae", 1024),
     FamilyMember("FLUX.1", "VAE", "flux-vae", "vae", 1024),
     FamilyMember("SD 1.x, SDXL, SD3, FLUX.1", "CLIP-L text", "clip-l-text", "text", 512, 123e6,
-                 "SD v1 model card (CompVis)"),
+                 "CompVis stable-diffusion README (\"123M text encoder\")"),
     FamilyMember("SD 2.x", "OpenCLIP-H text (23/24 l.)", "openclip-h-text-sd2", "text", 768),
     FamilyMember("SDXL, SD3", "OpenCLIP-bigG text", "openclip-bigg-text", "text", 1024, 817e6 - 123e6,
                  "SDXL paper Sec. 2.1: both encoders 817M, minus CLIP-L's 123M"),

@@ -1,5 +1,6 @@
 """TinySD part 1: the shapes world, the parser, the tokenizer and tiny CLIP, the VAE and its losses."""
 
+import copy
 import json
 import shutil
 
@@ -341,6 +342,55 @@ def test_flow_stage_trains_and_exports_a_flow_scheduler(tmp_path):
     assert log["objective"] == "flow" and log["steps"] == 2
     with pytest.raises(ValueError, match="objective"):
         train.train_unet(None, None, objective="v")
+
+
+def test_flow_stage_can_start_from_the_shipped_epsilon_unet(tmp_path):
+    # The CPU route of the DDPM-vs-flow comparison: the flow fine-tune starts from the shipped epsilon
+    # U-Net's weights (with lr 1e-7 they barely move) and its log records batch and lr like every stage.
+    from diffusers import UNet2DConditionModel
+    from ldm_tutorial.tinysd import train
+
+    out = tmp_path / "w"
+    shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd", out / "tinysd")
+    train.main(["flow", "--continue-shipped", "--n-scenes", "16", "--batch", "2", "--steps", "2", "--lr", "1e-7",
+                "--out", str(out), "--ckpt-dir", str(tmp_path / "ck")])
+    shipped = UNet2DConditionModel.from_pretrained(out / "tinysd" / "unet").state_dict()
+    flow = UNet2DConditionModel.from_pretrained(out / "tinysd-flow" / "unet").state_dict()
+    for k in ("conv_in.weight", "conv_out.weight"):
+        torch.testing.assert_close(flow[k].float(), shipped[k].float(), atol=2e-3, rtol=0)
+    log = json.loads((out / "training_log.json").read_text())["flow-continued"]
+    assert log["objective"] == "flow" and log["continued"] and log["batch"] == 2 and log["lr"] == 1e-7
+
+
+def test_latents_cache_is_reused_only_for_the_same_data_and_vae(tmp_path, vae, monkeypatch):
+    from ldm_tutorial.tinysd import train
+
+    calls = []
+    real = train.encode_dataset
+    monkeypatch.setattr(train, "encode_dataset", lambda ctx, v: calls.append(ctx.n_scenes) or real(ctx, v))
+    cache = tmp_path / "lat.pt"
+    ctx = train.Ctx(device=torch.device("cpu"), out=tmp_path, ckpt_dir=tmp_path, n_scenes=3, latents_cache=cache)
+    mean, std = train.cached_latents(ctx, vae)
+    assert mean.shape == (3, 4, 16, 16) and (std > 0).all() and calls == [3]
+    again = train.cached_latents(ctx, vae)                     # same data and VAE: read back, not re-encoded
+    torch.testing.assert_close(again[0], mean)
+    assert calls == [3]
+    other = train.Ctx(device=torch.device("cpu"), out=tmp_path, ckpt_dir=tmp_path, n_scenes=2, latents_cache=cache)
+    assert train.cached_latents(other, vae)[0].shape[0] == 2 and calls == [3, 2]   # other data: re-encoded
+    changed = copy.deepcopy(vae)
+    with torch.no_grad():
+        changed.encoder.conv_in.bias.add_(1e-3)                  # another VAE: re-encoded, never reused
+    train.cached_latents(other, changed)
+    assert calls == [3, 2, 2]
+
+
+def test_flow_loader_and_steps_sweep_reject_what_they_cannot_use(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train flow"):
+        tinysd.load_flow_unet(weights_dir=tmp_path)
+    with pytest.raises(ValueError, match="pipes"):
+        evaluate.steps_sweep({})
+    with pytest.raises(ValueError, match="steps"):
+        evaluate.steps_sweep({"x": object()}, steps=(0, 4))
 
 
 def test_inpaint_pool_holds_masked_image_latents_and_continues_the_shipped_unet(tmp_path, vae):

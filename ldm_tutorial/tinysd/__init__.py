@@ -60,6 +60,26 @@ def component_dir(name: str, weights_dir: Path | None = None) -> Path:
     return dirs[name]
 
 
+def load_flow_unet(device="cpu", weights_dir: Path | None = None):
+    """(UNet2DConditionModel, FlowMatchEulerDiscreteScheduler): TinySD trained as a rectified flow.
+
+    The same architecture, text encoder and VAE as `tinysd/`, trained to predict the velocity
+    noise - x0 (SD3's objective). Swap both into the text-to-image pipeline's components and sample
+    with `ldm.sample`: diffusers' StableDiffusionPipeline expects a DDPM-family scheduler.
+    """
+    import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # noqa: PLC0415
+
+    root = (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / "tinysd-flow"
+    if not (root / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"TinySD's flow U-Net is not shipped at {root}; train it with "
+                                f"`python -m ldm_tutorial.tinysd.train flow`")
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(torch.float32))
+    return unet.to(device).eval(), FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+
+
 def load_vae(device="cpu", weights_dir: Path | None = None):
     """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes)."""
     import torch  # noqa: PLC0415

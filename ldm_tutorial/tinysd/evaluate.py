@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..metrics import psnr, ssim  # noqa: F401 - re-exported: evaluate.psnr / evaluate.ssim
 from ..runtime import cpu_name
@@ -167,6 +168,40 @@ def prompt_adherence(pipe=None, n_per_count: int = 48, counts: tuple[int, ...] =
                 hits = [o for o, s in zip(ok, scenes) if s.objects[0].size == size]
                 out["1_object"][f"fully_correct_{size}"] = float(np.mean(hits)) if hits else None
                 out["1_object"][f"n_{size}"] = len(hits)
+    return out
+
+
+@torch.no_grad()
+def steps_sweep(pipes: dict, steps: tuple[int, ...] = (2, 4, 8, 16, 25), n_per_count: int = 48,
+                counts: tuple[int, ...] = (1, 2), guidance_scale: float = 5.0, batch: int = 48,
+                seed: int = EVAL_SEED + 6) -> dict:
+    """Prompt adherence against the number of sampling steps, for several models on the same prompts and noise.
+
+    pipes: name -> a text-to-image pipeline (any scheduler `ldm.sample` drives, flow ones included).
+    Returns {name: {steps: {"1_object": share fully correct, ...}}} with the sample sizes under "n".
+    """
+    from ldm_tutorial.sampling import sample  # noqa: PLC0415
+
+    if not pipes:
+        raise ValueError("pipes must name at least one pipeline, got an empty dict")
+    if not steps or min(steps) < 1:
+        raise ValueError(f"steps must be positive integers, got {steps}")
+    scenes = {k: shapes.sample_scenes(n_per_count, seed=seed + k, n_objects=k) for k in counts}
+    out: dict = {"n": {f"{k}_object": n_per_count for k in counts}, "guidance_scale": guidance_scale}
+    for name, pipe in pipes.items():
+        out[name] = {"scheduler": type(pipe.scheduler).__name__}
+        for n_steps in tqdm(steps, desc=f"steps sweep: {name}", mininterval=5):
+            row = {}
+            for k, sc in scenes.items():
+                ok = []
+                for i in range(0, n_per_count, batch):
+                    chunk = sc[i:i + batch]
+                    images = sample(pipe, [shapes.describe(s) for s in chunk], num_inference_steps=n_steps,
+                                    guidance_scale=guidance_scale,
+                                    generator=torch.Generator().manual_seed(seed + 100 * k + i)).images
+                    ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
+                row[f"{k}_object"] = float(np.mean(ok))
+            out[name][n_steps] = row
     return out
 
 

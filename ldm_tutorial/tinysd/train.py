@@ -48,6 +48,7 @@ class Ctx:
     seed: int = 0
     n_scenes: int = 20_000
     ckpt_every: float = 60.0
+    latents_cache: Path | None = None
     log: dict = field(default_factory=dict)
     _images: torch.Tensor | None = None
     _scenes: list | None = None
@@ -365,6 +366,29 @@ def encode_dataset(ctx: Ctx, vae, batch: int = 256) -> tuple[torch.Tensor, torch
     return torch.cat(means), torch.cat(stds)
 
 
+def cached_latents(ctx: Ctx, vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_dataset, read from / written to ctx.latents_cache when set (two CPU runs share one encode).
+
+    The cache records the dataset (n_scenes, seed) and a digest of the VAE weights it was encoded
+    with; a cache made for other data or another VAE is re-encoded, never silently reused.
+    """
+    key = {"n_scenes": ctx.n_scenes, "seed": ctx.seed,
+           "vae": float(sum(p.detach().double().sum() for p in vae.parameters()))}
+    path = ctx.latents_cache
+    if path is not None and Path(path).exists():
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        if c.get("key") == key:
+            print(f"latents: read from {path}", flush=True)
+            return c["mean"].to(ctx.device), c["std"].to(ctx.device)
+        print(f"latents: {path} was made for {c.get('key')}, not {key}: re-encoding", flush=True)
+    mean, std = encode_dataset(ctx, vae)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "mean": mean.cpu(), "std": std.cpu()}, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    return mean, std
+
+
 # ----------------------------------------------------------------------------- U-Nets
 def random_masks(n: int, rng: np.random.Generator, size: int = shapes.IMAGE_SIZE) -> torch.Tensor:
     """(n, 1, size, size) float masks, 1 = repaint: boxes, ellipses, brush strokes, or everything."""
@@ -437,17 +461,20 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     (velocity target, sigma drawn logit-normal as in SD3), exported to `tinysd-flow/` with a
     FlowMatchEulerDiscreteScheduler: the SD-versions chapter's DDPM-vs-flow comparison.
 
-    Inpainting only: init_from_shipped continues the shipped inpainting U-Net (instead of starting
-    from the text U-Net with zero extra channels); pool precomputes that many (scene, mask,
-    masked-image latents) triples, the CPU route (the per-step VAE encode dominates a CPU step).
+    init_from_shipped: inpainting continues the shipped inpainting U-Net (instead of starting from
+    the text U-Net with zero extra channels); text continues the shipped text U-Net; flow starts
+    from the shipped (epsilon) text U-Net's weights, so that a flow fine-tune and an epsilon
+    continuation of the same length form a controlled comparison on the CPU.
+    pool (inpainting only) precomputes that many (scene, mask, masked-image latents) triples, the
+    CPU route (the per-step VAE encode dominates a CPU step).
     """
-    if (init_from_shipped or pool) and not inpaint:
-        raise ValueError("init_from_shipped / pool are for the inpainting stage only")
+    if pool and not inpaint:
+        raise ValueError("pool is for the inpainting stage only")
     if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
         raise ValueError(f"objective must be 'epsilon' or 'flow' (flow without inpaint), got {objective!r}")
     name = "inpaint" if inpaint else ("flow" if objective == "flow" else "unet")
     torch.manual_seed(ctx.seed + (7 if inpaint else 5))
-    if name == "unet" and not (ctx.ckpt_dir / "unet.pt").exists():
+    if name == "unet" and not init_from_shipped and not (ctx.ckpt_dir / "unet.pt").exists():
         export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
     te, tok = load_text_encoder(ctx.device, ctx.out)
     te.requires_grad_(False)
@@ -469,6 +496,11 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         w[:, :4] = sd["conv_in.weight"]                  # extra mask + masked-image channels start at zero
         sd["conv_in.weight"] = w
         unet.load_state_dict(sd)
+    elif init_from_shipped:
+        from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+        unet = UNet2DConditionModel.from_pretrained(ctx.out / "tinysd" / "unet", torch_dtype=torch.float32)
+        print(f"[{name}] starting from the shipped epsilon U-Net's weights", flush=True)
     else:
         unet = configs.new_unet()
     unet.to(ctx.device).train()
@@ -481,7 +513,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         step, rng = ck["step"], ck["rng"]
     images, scenes = ctx.dataset()
     if getattr(ctx, "_latents", None) is None:
-        ctx._latents = encode_dataset(ctx, vae)
+        ctx._latents = cached_latents(ctx, vae)
     mean, std = ctx._latents
     bank = ctx.caption_bank(tok)                                          # (N, 8, 77) token ids
     empty_ids = tokenize(tok, [""], bank.device).to(bank.dtype)           # (1, 77): "" for classifier-free guidance
@@ -646,6 +678,7 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
           "flow": lambda c, b, **k: train_unet(c, b, objective="flow", **k)}[stage]
     print(f"== {stage} on {ctx.device} ==", flush=True)
     res = fn(ctx, budget, **kw)
+    params = inspect.signature(train_unet if stage in ("inpaint", "flow") else fn).parameters
     if kw.get("decoder_only"):
         stage = "vae-decoder-finetune"
     elif kw.get("init_from_shipped"):
@@ -653,7 +686,6 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
     log_path = ctx.out / "training_log.json"
     if log_path.exists():     # another stage may have finished meanwhile: merge, don't overwrite
         ctx.log = {**json.loads(log_path.read_text()), **ctx.log}
-    params = inspect.signature(train_unet if stage in ("inpaint", "flow") else fn).parameters
     res = {**res, **{k: kw.get(k, params[k].default) for k in ("batch", "lr") if k in params}}
     ctx.log[stage] = {**res, "device": str(ctx.device),
                       "gpu": torch.cuda.get_device_name() if ctx.device.type == "cuda" else None}
@@ -698,7 +730,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="recipe: L1 + perceptual + PatchGAN + KL (LDM); ft-mse: MSE + 0.1 perceptual, no GAN "
                         "(how Stability fine-tuned sd-vae-ft-mse's decoder)")
     p.add_argument("--continue-shipped", action="store_true",
-                   help="clip: start from the shipped tiny CLIP; vae: fine-tune the shipped VAE's decoder only")
+                   help="clip: start from the shipped tiny CLIP; vae: fine-tune the shipped VAE's decoder only; "
+                        "unet / inpaint: continue the shipped U-Net; flow: start from the shipped epsilon U-Net")
+    p.add_argument("--latents-cache", type=Path, default=None,
+                   help="unet / inpaint / flow: keep the pre-encoded latents in this file (runs side by side share it)")
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -707,7 +742,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN pick its fastest kernels once
-    ctx = Ctx(device=device, out=a.out, ckpt_dir=a.ckpt_dir, seed=a.seed, n_scenes=a.n_scenes, ckpt_every=a.ckpt_every)
+    ctx = Ctx(device=device, out=a.out, ckpt_dir=a.ckpt_dir, seed=a.seed, n_scenes=a.n_scenes, ckpt_every=a.ckpt_every,
+              latents_cache=a.latents_cache)
     log_path = a.out / "training_log.json"
     if log_path.exists():
         ctx.log = json.loads(log_path.read_text())
@@ -724,7 +760,9 @@ def main(argv: list[str] | None = None) -> None:
         kw["pool"] = a.pool
     if a.continue_shipped:
         kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1},
-                   "inpaint": {"init_from_shipped": True, "warmup": 50}}.get(a.stage, {}))
+                   "inpaint": {"init_from_shipped": True, "warmup": 50},
+                   "unet": {"init_from_shipped": True, "warmup": 50},
+                   "flow": {"init_from_shipped": True, "warmup": 50}}.get(a.stage, {}))
     if a.stage == "all":
         per = _per_stage(a.seconds_per_stage, "--seconds-per-stage")
         batches = _per_stage(a.batch_per_stage, "--batch-per-stage")
