@@ -34,11 +34,22 @@ def encode_prompt(tokenizer, text_encoder, prompts: list[str], device) -> torch.
     return text_encoder(ids)[0]
 
 
+def flux_sigmas(num_inference_steps: int) -> list[float]:
+    """FLUX's pipeline default for a flow-matching scheduler: n equal steps from sigma 1 down to 1/n, then 0.
+
+    diffusers' FlowMatchEulerDiscreteScheduler on its own spaces n steps from 1 down to 0.001, so its
+    last step moves from 0.001 to 0 and does almost nothing: n calls of the model, n - 1 real steps.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    return torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps).tolist()
+
+
 @torch.no_grad()
 def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "", num_inference_steps: int = 25,
            guidance_scale: float = 5.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
            height: int | None = None, width: int | None = None, keep_trajectory: bool = False,
-           eta: float = 0.0) -> SampleOutput:
+           eta: float = 0.0, sigmas: list[float] | None = None) -> SampleOutput:
     """Text to image with classifier-free guidance, written out. Introduced in chapter 0.
 
     Args:
@@ -47,6 +58,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
         guidance_scale: w in eps_uncond + w * (eps_text - eps_uncond); <= 1 switches guidance off.
         generator: seeds the initial noise (CPU generator: identical on every device).
         latents: optional initial noise (B, C, h, w); overrides `generator` for the start.
+        sigmas: flow-matching schedulers only: the `num_inference_steps` noise levels to visit, e.g.
+            `flux_sigmas(n)` (FLUX's pipeline default); None keeps the scheduler's own spacing.
     Returns:
         SampleOutput with images in [-1, 1], final latents, timesteps and (optionally) the trajectory.
     """
@@ -74,7 +87,14 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
 
     # 3. Timesteps
     scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    if sigmas is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    elif "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"sigmas is for flow-matching schedulers; {type(scheduler).__name__} takes none (pass None)")
+    elif len(sigmas) != num_inference_steps or not all(0 < s <= 1 for s in sigmas):
+        raise ValueError(f"sigmas must hold num_inference_steps={num_inference_steps} values in (0, 1], got {list(sigmas)}")
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, sigmas=list(sigmas))
 
     # 4. Initial latents: Gaussian noise scaled by the scheduler's initial sigma
     shape = (len(prompts), pipe.unet.config.in_channels, height // vsf, width // vsf)     # (B, C, h, w)

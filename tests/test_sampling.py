@@ -42,3 +42,22 @@ def test_trajectory_and_bad_inputs(pipe):
         sample(pipe, ["a", "b"], negative_prompt=["x"])
     with pytest.raises(ValueError, match="latents"):
         sample(pipe, "a red cross", latents=torch.zeros(1, 4, 8, 8))
+
+
+def test_flux_sigmas_make_every_flow_step_a_real_step(pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
+
+    assert ldm.flux_sigmas(4) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(4)
+    assert float(sched.sigmas[-2]) == pytest.approx(1e-3)          # the scheduler's own last step: 0.001 -> 0
+    flow_pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
+    out = sample(flow_pipe, "a red cross", num_inference_steps=4, guidance_scale=1.0, sigmas=ldm.flux_sigmas(4),
+                 generator=torch.Generator().manual_seed(0))
+    assert out.timesteps == pytest.approx([1000.0, 750.0, 500.0, 250.0])
+    with pytest.raises(ValueError, match="num_inference_steps=3"):
+        sample(flow_pipe, "a red cross", num_inference_steps=3, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="flow-matching"):
+        sample(pipe, "a red cross", num_inference_steps=2, sigmas=[1.0, 0.5])       # DDIM takes no sigmas
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ldm.flux_sigmas(0)

@@ -60,7 +60,7 @@ def component_dir(name: str, weights_dir: Path | None = None) -> Path:
     return dirs[name]
 
 
-def load_flow_unet(device="cpu", weights_dir: Path | None = None):
+def load_flow_unet(device="cpu", weights_dir: Path | None = None, dtype=None):
     """(UNet2DConditionModel, FlowMatchEulerDiscreteScheduler): TinySD trained as a rectified flow.
 
     The same architecture, text encoder and VAE as `tinysd/`, trained to predict the velocity
@@ -76,8 +76,38 @@ def load_flow_unet(device="cpu", weights_dir: Path | None = None):
         raise FileNotFoundError(f"TinySD's flow U-Net is not shipped at {root}; train it with "
                                 f"`python -m ldm_tutorial.tinysd.train flow`")
     with quiet_loading():
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(torch.float32))
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(dtype or torch.float32))
     return unet.to(device).eval(), FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+
+
+def objective_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
+    """The DDPM-vs-flow comparison's three samplers over one TinySD text-to-image pipeline.
+
+    Returns name -> pipeline, sharing the text encoder, tokenizer and VAE:
+    * "epsilon, DDIM leading": the shipped U-Net with its shipped scheduler (SD 1.5's DDIM config,
+      timestep_spacing "leading", which starts below t = 999 at few steps);
+    * "epsilon, DDIM trailing": the same U-Net, DDIM starting at t = 999 (Lin et al., arXiv:2305.08891);
+    * "flow, Euler": the rectified-flow U-Net with FlowMatchEulerDiscreteScheduler.
+    Sample them with `ldm.sample` (diffusers' StableDiffusionPipeline expects a DDPM-family scheduler).
+    """
+    from ldm_tutorial.models import _quiet_torchvision_fallback  # noqa: PLC0415
+
+    _quiet_torchvision_fallback()          # transformers' notice that the PIL image processor is used
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: PLC0415
+
+    if pipe is None:
+        from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+
+        pipe = load_pipeline("tiny", verbose=False)
+    if pipe.unet.config.in_channels != 4 or not isinstance(pipe.scheduler, DDIMScheduler):
+        raise ValueError("pipe must be TinySD's text-to-image pipeline (4-channel U-Net, DDIM scheduler), "
+                         f"got a {pipe.unet.config.in_channels}-channel U-Net with {type(pipe.scheduler).__name__}")
+    flow_unet, flow_sched = load_flow_unet(pipe.device, weights_dir, dtype=pipe.unet.dtype)
+    trailing = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    return {"epsilon, DDIM leading": pipe,
+            "epsilon, DDIM trailing": StableDiffusionPipeline(**{**pipe.components, "scheduler": trailing}, requires_safety_checker=False),
+            "flow, Euler": StableDiffusionPipeline(**{**pipe.components, "unet": flow_unet, "scheduler": flow_sched},
+                                                   requires_safety_checker=False)}
 
 
 def load_vae(device="cpu", weights_dir: Path | None = None):

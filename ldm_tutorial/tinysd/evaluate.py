@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import time
@@ -174,14 +175,18 @@ def prompt_adherence(pipe=None, n_per_count: int = 48, counts: tuple[int, ...] =
 @torch.no_grad()
 def steps_sweep(pipes: dict, steps: tuple[int, ...] = (2, 4, 8, 16, 25), n_per_count: int = 48,
                 counts: tuple[int, ...] = (1, 2), guidance_scale: float = 5.0, batch: int = 48,
-                seed: int = EVAL_SEED + 6) -> dict:
+                seed: int = EVAL_SEED + 6, flow_spacing: str = "flux") -> dict:
     """Prompt adherence against the number of sampling steps, for several models on the same prompts and noise.
 
     pipes: name -> a text-to-image pipeline (any scheduler `ldm.sample` drives, flow ones included).
+    flow_spacing: for flow-matching schedulers, "flux" (n equal steps, `flux_sigmas`: every model call
+        is a real step) or "diffusers" (the scheduler's own spacing, whose last step is 0.001 -> 0).
     Returns {name: {steps: {"1_object": share fully correct, ...}}} with the sample sizes under "n".
     """
-    from ldm_tutorial.sampling import sample  # noqa: PLC0415
+    from ldm_tutorial.sampling import flux_sigmas, sample  # noqa: PLC0415
 
+    if flow_spacing not in ("flux", "diffusers"):
+        raise ValueError(f"flow_spacing must be 'flux' or 'diffusers', got {flow_spacing!r}")
     if not pipes:
         raise ValueError("pipes must name at least one pipeline, got an empty dict")
     if not steps or min(steps) < 1:
@@ -190,14 +195,17 @@ def steps_sweep(pipes: dict, steps: tuple[int, ...] = (2, 4, 8, 16, 25), n_per_c
     out: dict = {"n": {f"{k}_object": n_per_count for k in counts}, "guidance_scale": guidance_scale}
     for name, pipe in pipes.items():
         out[name] = {"scheduler": type(pipe.scheduler).__name__}
+        is_flow = "sigmas" in inspect.signature(pipe.scheduler.set_timesteps).parameters and \
+            type(pipe.scheduler).__name__.startswith("FlowMatch")
         for n_steps in tqdm(steps, desc=f"steps sweep: {name}", mininterval=5):
+            sigmas = flux_sigmas(n_steps) if is_flow and flow_spacing == "flux" else None
             row = {}
             for k, sc in scenes.items():
                 ok = []
                 for i in range(0, n_per_count, batch):
                     chunk = sc[i:i + batch]
                     images = sample(pipe, [shapes.describe(s) for s in chunk], num_inference_steps=n_steps,
-                                    guidance_scale=guidance_scale,
+                                    guidance_scale=guidance_scale, sigmas=sigmas,
                                     generator=torch.Generator().manual_seed(seed + 100 * k + i)).images
                     ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
                 row[f"{k}_object"] = float(np.mean(ok))
