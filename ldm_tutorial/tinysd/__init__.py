@@ -84,8 +84,8 @@ def objective_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
     """The DDPM-vs-flow comparison's three samplers over one TinySD text-to-image pipeline.
 
     Returns name -> pipeline, sharing the text encoder, tokenizer and VAE:
-    * "epsilon, DDIM leading": the shipped U-Net with its shipped scheduler (SD 1.5's DDIM config,
-      timestep_spacing "leading", which starts below t = 999 at few steps);
+    * "epsilon, DDIM leading": the shipped U-Net with DDIM as SD 1.5 configures it (timestep_spacing
+      "leading", which starts below t = 999 when there are few steps);
     * "epsilon, DDIM trailing": the same U-Net, DDIM starting at t = 999 (Lin et al., arXiv:2305.08891);
     * "flow, Euler": the rectified-flow U-Net with FlowMatchEulerDiscreteScheduler.
     Sample them with `ldm.sample` (diffusers' StableDiffusionPipeline expects a DDPM-family scheduler).
@@ -103,9 +103,12 @@ def objective_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
         raise ValueError("pipe must be TinySD's text-to-image pipeline (4-channel U-Net, DDIM scheduler), "
                          f"got a {pipe.unet.config.in_channels}-channel U-Net with {type(pipe.scheduler).__name__}")
     flow_unet, flow_sched = load_flow_unet(pipe.device, weights_dir, dtype=pipe.unet.dtype)
-    trailing = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    return {"epsilon, DDIM leading": pipe,
-            "epsilon, DDIM trailing": StableDiffusionPipeline(**{**pipe.components, "scheduler": trailing}, requires_safety_checker=False),
+
+    def ddim(spacing: str):
+        sched = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing, steps_offset=1)
+        return StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
+
+    return {"epsilon, DDIM leading": ddim("leading"), "epsilon, DDIM trailing": ddim("trailing"),
             "flow, Euler": StableDiffusionPipeline(**{**pipe.components, "unet": flow_unet, "scheduler": flow_sched},
                                                    requires_safety_checker=False)}
 

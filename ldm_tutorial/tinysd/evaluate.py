@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..metrics import psnr, ssim  # noqa: F401 - re-exported: evaluate.psnr / evaluate.ssim
 from ..runtime import cpu_name
-from . import WEIGHTS_DIR, data, load_clip, load_taesd, load_vae, parser, shapes
+from . import WEIGHTS_DIR, data, load_clip, load_taesd, load_vae, objective_comparison, parser, shapes
 
 EVAL_SEED = 10_000          # training scenes come from seeds below this
 
@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="smaller samples (for tests)")
     p.add_argument("--generation", action="store_true",
                    help="also measure text-to-image prompt adherence and inpainting (slower: a few minutes)")
+    p.add_argument("--steps-sweep", action="store_true",
+                   help="also measure prompt adherence against sampling steps: epsilon U-Net (DDIM leading / "
+                        "trailing) vs the rectified-flow U-Net (Euler), the SD-versions chapter's comparison")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--markdown", default=None, help="also write the committed table (benchmarks/tinysd.md)")
     a = p.parse_args(argv)
@@ -280,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["text2img"] = prompt_adherence(n_per_count=16 if a.quick else 96)
         res["inpaint"] = inpaint_metrics(n=16 if a.quick else 64)
         res["one_image_seconds"] = seconds_per_image()
+    if a.steps_sweep:
+        res["steps_sweep"] = steps_sweep(objective_comparison(), steps=(1, 2, 4, 8, 16, 25),
+                                         n_per_count=16 if a.quick else 96)
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
@@ -333,10 +339,24 @@ def markdown_table(res: dict) -> str:
                  ("inpainting: PSNR outside the mask (the VAE's round trip of the same pixels: its ceiling)",
                   f"{ip['psnr_outside_mask_db']:.2f} dB ({ip['psnr_outside_mask_vae_round_trip_db']:.2f} dB)"),
                  ("one 128x128 image, 25 steps with guidance, batch 1 (best of 3)", f"{res['one_image_seconds']:.2f} s")]
+    sweep = []
+    if "steps_sweep" in res:
+        sw = res["steps_sweep"]
+        names = [k for k in sw if isinstance(sw[k], dict) and "scheduler" in sw[k]]
+        steps = [k for k in sw[names[0]] if k != "scheduler"]
+        counts = list(sw["n"])
+        sweep = ["", f"## Prompt adherence against sampling steps (guidance {sw['guidance_scale']}, fully correct; "
+                 + ", ".join(f"n={n} {c.replace('_', ' ')} prompts" for c, n in sw["n"].items()) + ")", "",
+                 "| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                 "|---|" + "---|" * len(steps)]
+        for c in counts:
+            for name in names:
+                sweep.append(f"| {name}, {c.replace('_', ' ')} | "
+                             + " | ".join(f"{sw[name][s][c]:.1%}" for s in steps) + " |")
     out = ["# TinySD: measured figures", "",
            f"`python -m ldm_tutorial.tinysd.evaluate --markdown benchmarks/tinysd.md` on {cpu}, "
            f"{os.cpu_count()} cores, torch {res['machine']['torch']}, {datetime.date.today()}.", "",
-           "| figure | value |", "|---|---|", *[f"| {k} | {val} |" for k, val in rows], "",
+           "| figure | value |", "|---|---|", *[f"| {k} | {val} |" for k, val in rows], *sweep, "",
            "## How the shipped weights were trained", "",
            "From `ldm_tutorial/tinysd/weights/training_log.json` (written by `python -m ldm_tutorial.tinysd.train`):",
            "", "| stage | steps | batch | seconds | device | note |", "|---|---|---|---|---|---|"]
