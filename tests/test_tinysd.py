@@ -391,8 +391,10 @@ def load_pipeline_quiet(task):
 
 
 def test_flow_loader_and_steps_sweep_reject_what_they_cannot_use(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train flow"):
+    with pytest.raises(FileNotFoundError, match="train flow --continue-shipped"):
         tinysd.load_flow_unet(weights_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="train unet --continue-shipped"):
+        tinysd.load_flow_unet(weights_dir=tmp_path, control=True)
     with pytest.raises(ValueError, match="pipes"):
         evaluate.steps_sweep({})
     with pytest.raises(ValueError, match="steps"):

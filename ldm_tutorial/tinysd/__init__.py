@@ -60,34 +60,41 @@ def component_dir(name: str, weights_dir: Path | None = None) -> Path:
     return dirs[name]
 
 
-def load_flow_unet(device="cpu", weights_dir: Path | None = None, dtype=None):
-    """(UNet2DConditionModel, FlowMatchEulerDiscreteScheduler): TinySD trained as a rectified flow.
+def load_flow_unet(device="cpu", weights_dir: Path | None = None, dtype=None, control: bool = False):
+    """(UNet2DConditionModel, scheduler) of the DDPM-vs-flow comparison (chapter 5).
 
-    The same architecture, text encoder and VAE as `tinysd/`, trained to predict the velocity
-    noise - x0 (SD3's objective). Swap both into the text-to-image pipeline's components and sample
-    with `ldm.sample`: diffusers' StableDiffusionPipeline expects a DDPM-family scheduler.
+    control=False: TinySD trained as a rectified flow (SD3's velocity objective) with its
+    FlowMatchEulerDiscreteScheduler. control=True: its control, the same starting weights trained
+    for the same time on the same data with the epsilon objective, with TinySD's DDIM scheduler.
+    Both started from the shipped epsilon U-Net. Swap them into the text-to-image pipeline's
+    components and sample with `ldm.sample` (StableDiffusionPipeline expects a DDPM-family scheduler).
     """
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
-    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # noqa: PLC0415
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # noqa: PLC0415
 
     root = (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / "tinysd-flow"
-    if not (root / "unet" / "config.json").exists():
-        raise FileNotFoundError(f"TinySD's flow U-Net is not shipped at {root}; train it with "
-                                f"`python -m ldm_tutorial.tinysd.train flow`")
+    folder = root / "epsilon-control" / "unet" if control else root / "unet"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"TinySD's {'epsilon control' if control else 'flow'} U-Net is not shipped at {folder}; "
+                                f"train it with `python -m ldm_tutorial.tinysd.train "
+                                f"{'unet --continue-shipped' if control else 'flow --continue-shipped'}`")
     with quiet_loading():
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(dtype or torch.float32))
-    return unet.to(device).eval(), FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        unet = UNet2DConditionModel.from_pretrained(folder, **dtype_kwargs(dtype or torch.float32))
+    sched = (DDIMScheduler.from_pretrained(component_dir("scheduler", weights_dir)) if control
+             else FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"))
+    return unet.to(device).eval(), sched
 
 
 def objective_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
     """The DDPM-vs-flow comparison's three samplers over one TinySD text-to-image pipeline.
 
-    Returns name -> pipeline, sharing the text encoder, tokenizer and VAE:
-    * "epsilon, DDIM leading": the shipped U-Net with DDIM as SD 1.5 configures it (timestep_spacing
-      "leading", which starts below t = 999 when there are few steps);
+    Returns name -> pipeline, sharing `pipe`'s text encoder, tokenizer and VAE:
+    * "epsilon, DDIM leading": the epsilon control U-Net (`load_flow_unet(control=True)`) with DDIM as
+      SD 1.5 configures it (timestep_spacing "leading", which starts below t = 999 with few steps);
     * "epsilon, DDIM trailing": the same U-Net, DDIM starting at t = 999 (Lin et al., arXiv:2305.08891);
-    * "flow, Euler": the rectified-flow U-Net with FlowMatchEulerDiscreteScheduler.
+    * "flow, Euler": the rectified-flow U-Net with FlowMatchEulerDiscreteScheduler (sample it with
+      `sigmas=ldm.flux_sigmas(n)` for n equal steps).
     Sample them with `ldm.sample` (diffusers' StableDiffusionPipeline expects a DDPM-family scheduler).
     """
     from ldm_tutorial.models import _quiet_torchvision_fallback  # noqa: PLC0415
@@ -103,14 +110,15 @@ def objective_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
         raise ValueError("pipe must be TinySD's text-to-image pipeline (4-channel U-Net, DDIM scheduler), "
                          f"got a {pipe.unet.config.in_channels}-channel U-Net with {type(pipe.scheduler).__name__}")
     flow_unet, flow_sched = load_flow_unet(pipe.device, weights_dir, dtype=pipe.unet.dtype)
+    eps_unet, ddim = load_flow_unet(pipe.device, weights_dir, dtype=pipe.unet.dtype, control=True)
 
-    def ddim(spacing: str):
-        sched = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing, steps_offset=1)
-        return StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
+    def build(unet, scheduler):
+        return StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler},
+                                       requires_safety_checker=False)
 
-    return {"epsilon, DDIM leading": ddim("leading"), "epsilon, DDIM trailing": ddim("trailing"),
-            "flow, Euler": StableDiffusionPipeline(**{**pipe.components, "unet": flow_unet, "scheduler": flow_sched},
-                                                   requires_safety_checker=False)}
+    return {"epsilon, DDIM leading": build(eps_unet, DDIMScheduler.from_config(ddim.config, timestep_spacing="leading")),
+            "epsilon, DDIM trailing": build(eps_unet, DDIMScheduler.from_config(ddim.config, timestep_spacing="trailing")),
+            "flow, Euler": build(flow_unet, flow_sched)}
 
 
 def load_vae(device="cpu", weights_dir: Path | None = None):
