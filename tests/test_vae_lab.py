@@ -145,12 +145,15 @@ def test_vq_training_logs_commitment_and_codebook_usage():
 
 # ----------------------------------------------------------------------------- shipped checkpoints
 def test_shipped_weights_fit_the_budget():
-    """Each shipped file at most 16 MB, all shipped weights (TinySD and the lab) at most 80 MB."""
+    """Each shipped file at most 16 MB, all shipped weights (TinySD, its flow comparison and the lab) at most 100 MB.
+
+    The budget was 80 MB until chapter 5's DDPM-vs-flow comparison added two 8.8M-parameter U-Nets in
+    float16 (the flow model and its epsilon control, 17 MB each): what a Colab `%pip install` fetches."""
     from ldm_tutorial.tinysd import WEIGHTS_DIR
 
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert max(p.stat().st_size for p in files) <= 16 * 2**20
-    assert sum(p.stat().st_size for p in files) <= 80 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 100 * 2**20
     assert {p.parent.name for p in (WEIGHTS_DIR / "vae-lab").glob("*/config.json")} == set(vae_lab.VARIANTS)
 
 
