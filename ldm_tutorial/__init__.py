@@ -10,7 +10,7 @@ from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_b
                    tiny_sd3_transformer, tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
 from .models import REGISTRY, TASKS, ModelSpec, load_pipeline
 from .plotting import overlay_heatmap, plot_curves, show_images
-from .sampling import SampleOutput, flux_sigmas, sample
+from .sampling import SampleOutput, flux_sigmas, sample, sigmas_for
 from .runtime import (RuntimeInfo, describe_runtime, hub_available, in_colab, pick_device, pick_dtype,
                       seed_everything)
 
@@ -21,7 +21,7 @@ __all__ = [
     "CONFIGS", "FAMILY", "REGISTRY", "TASKS", "JointAttentionWrittenOut", "ModelSpec", "RuntimeInfo",
     "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
     "describe_runtime", "family_table", "metrics", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
-    "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "SampleOutput", "schedules",
+    "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "sigmas_for", "SampleOutput", "schedules",
     "sdxl_pipelines", "seed_everything",
     "show_images", "tiny_sd3_transformer", "tiny_sdxl_components", "tiny_sdxl_pipelines",
     "tiny_sdxl_refiner_components",

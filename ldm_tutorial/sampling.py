@@ -45,6 +45,27 @@ def flux_sigmas(num_inference_steps: int) -> list[float]:
     return torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps).tolist()
 
 
+def sigmas_for(scheduler, num_inference_steps: int) -> list[float] | None:
+    """The noise levels the book samples a scheduler at: `flux_sigmas(n)` for a flow-matching scheduler,
+    None (the scheduler's own spacing) for the DDPM family."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
+
+    return flux_sigmas(num_inference_steps) if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else None
+
+
+def set_timesteps(scheduler, num_inference_steps: int, device=None, sigmas: list[float] | None = None) -> torch.Tensor:
+    """scheduler.set_timesteps, with `sigmas` (flow-matching schedulers only) checked; returns the timesteps."""
+    if sigmas is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    elif "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"sigmas is for flow-matching schedulers; {type(scheduler).__name__} takes none (pass None)")
+    elif len(sigmas) != num_inference_steps or not all(0 < s <= 1 for s in sigmas):
+        raise ValueError(f"sigmas must hold num_inference_steps={num_inference_steps} values in (0, 1], got {list(sigmas)}")
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, sigmas=list(sigmas))
+    return scheduler.timesteps
+
+
 @torch.no_grad()
 def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "", num_inference_steps: int = 25,
            guidance_scale: float = 5.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
@@ -59,7 +80,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
         generator: seeds the initial noise (CPU generator: identical on every device).
         latents: optional initial noise (B, C, h, w); overrides `generator` for the start.
         sigmas: flow-matching schedulers only: the `num_inference_steps` noise levels to visit, e.g.
-            `flux_sigmas(n)` (FLUX's pipeline default); None keeps the scheduler's own spacing.
+            `flux_sigmas(n)` (FLUX's pipeline default; `sigmas_for` picks it for flow schedulers);
+            None keeps the scheduler's own spacing.
     Returns:
         SampleOutput with images in [-1, 1], final latents, timesteps and (optionally) the trajectory.
     """
@@ -87,14 +109,7 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
 
     # 3. Timesteps
     scheduler = pipe.scheduler
-    if sigmas is None:
-        scheduler.set_timesteps(num_inference_steps, device=device)
-    elif "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
-        raise ValueError(f"sigmas is for flow-matching schedulers; {type(scheduler).__name__} takes none (pass None)")
-    elif len(sigmas) != num_inference_steps or not all(0 < s <= 1 for s in sigmas):
-        raise ValueError(f"sigmas must hold num_inference_steps={num_inference_steps} values in (0, 1], got {list(sigmas)}")
-    else:
-        scheduler.set_timesteps(num_inference_steps, device=device, sigmas=list(sigmas))
+    set_timesteps(scheduler, num_inference_steps, device=device, sigmas=sigmas)
 
     # 4. Initial latents: Gaussian noise scaled by the scheduler's initial sigma
     shape = (len(prompts), pipe.unet.config.in_channels, height // vsf, width // vsf)     # (B, C, h, w)

@@ -384,12 +384,6 @@ def test_latents_cache_is_reused_only_for_the_same_data_and_vae(tmp_path, vae, m
     assert calls == [3, 2, 2]
 
 
-def load_pipeline_quiet(task):
-    from ldm_tutorial.models import load_pipeline
-
-    return load_pipeline("tiny", task=task, verbose=False)
-
-
 def test_flow_loader_and_steps_sweep_reject_what_they_cannot_use(tmp_path):
     with pytest.raises(FileNotFoundError, match="train flow --continue-shipped"):
         tinysd.load_flow_unet(weights_dir=tmp_path)
@@ -401,7 +395,9 @@ def test_flow_loader_and_steps_sweep_reject_what_they_cannot_use(tmp_path):
         evaluate.steps_sweep({"x": object()}, steps=(0, 4))
     with pytest.raises(ValueError, match="flow_spacing"):
         evaluate.steps_sweep({"x": object()}, flow_spacing="karras")
-    inpaint = load_pipeline_quiet("inpaint")
+    from ldm_tutorial.models import load_pipeline
+
+    inpaint = load_pipeline("tiny", task="inpaint", verbose=False)
     with pytest.raises(ValueError, match="4-channel"):
         tinysd.objective_comparison(inpaint)
 

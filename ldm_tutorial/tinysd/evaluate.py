@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import time
@@ -144,6 +143,16 @@ def fully_correct(parsed: list, wanted: list[shapes.SceneObject]) -> bool:
     return all(parser.objects_present(parsed, wanted)) and len(parsed) == len(wanted)
 
 
+def _fully_correct_share(scenes: list, generate, batch: int) -> list[bool]:
+    """generate(prompts, first_index) -> images in [-1, 1]; whether each image is exactly its scene's prompt."""
+    ok = []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i:i + batch]
+        images = generate([shapes.describe(s) for s in chunk], i)
+        ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
+    return ok
+
+
 @torch.no_grad()
 def prompt_adherence(pipe=None, n_per_count: int = 48, counts: tuple[int, ...] = (1, 2), steps: int = 25,
                      guidance_scale: float = 5.0, batch: int = 16, seed: int = EVAL_SEED + 3) -> dict:
@@ -154,14 +163,10 @@ def prompt_adherence(pipe=None, n_per_count: int = 48, counts: tuple[int, ...] =
     out = {"steps": steps, "guidance_scale": guidance_scale, "scheduler": type(pipe.scheduler).__name__}
     for k in counts:
         scenes = shapes.sample_scenes(n_per_count, seed=seed + k, n_objects=k)
-        ok = []
         t0 = time.perf_counter()
-        for i in range(0, n_per_count, batch):
-            chunk = scenes[i:i + batch]
-            images = pipe([shapes.describe(s) for s in chunk], num_inference_steps=steps,
-                          guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
-                          output_type="pt").images * 2 - 1
-            ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
+        ok = _fully_correct_share(scenes, lambda prompts, i: pipe(
+            prompts, num_inference_steps=steps, guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed + i), output_type="pt").images * 2 - 1, batch)
         out[f"{k}_object"] = {"fully_correct": float(np.mean(ok)), "n": n_per_count,
                               "seconds_per_image_batched": (time.perf_counter() - t0) / n_per_count}
         if k == 1:   # where the errors sit: small objects span 2.5 latent cells, large ones 4
@@ -183,7 +188,7 @@ def steps_sweep(pipes: dict, steps: tuple[int, ...] = (2, 4, 8, 16, 25), n_per_c
         is a real step) or "diffusers" (the scheduler's own spacing, whose last step is 0.001 -> 0).
     Returns {name: {steps: {"1_object": share fully correct, ...}}} with the sample sizes under "n".
     """
-    from ldm_tutorial.sampling import flux_sigmas, sample  # noqa: PLC0415
+    from ldm_tutorial.sampling import sample, sigmas_for  # noqa: PLC0415
 
     if flow_spacing not in ("flux", "diffusers"):
         raise ValueError(f"flow_spacing must be 'flux' or 'diffusers', got {flow_spacing!r}")
@@ -195,19 +200,13 @@ def steps_sweep(pipes: dict, steps: tuple[int, ...] = (2, 4, 8, 16, 25), n_per_c
     out: dict = {"n": {f"{k}_object": n_per_count for k in counts}, "guidance_scale": guidance_scale}
     for name, pipe in pipes.items():
         out[name] = {"scheduler": type(pipe.scheduler).__name__}
-        is_flow = "sigmas" in inspect.signature(pipe.scheduler.set_timesteps).parameters and \
-            type(pipe.scheduler).__name__.startswith("FlowMatch")
         for n_steps in tqdm(steps, desc=f"steps sweep: {name}", mininterval=5):
-            sigmas = flux_sigmas(n_steps) if is_flow and flow_spacing == "flux" else None
+            sigmas = sigmas_for(pipe.scheduler, n_steps) if flow_spacing == "flux" else None
             row = {}
             for k, sc in scenes.items():
-                ok = []
-                for i in range(0, n_per_count, batch):
-                    chunk = sc[i:i + batch]
-                    images = sample(pipe, [shapes.describe(s) for s in chunk], num_inference_steps=n_steps,
-                                    guidance_scale=guidance_scale, sigmas=sigmas,
-                                    generator=torch.Generator().manual_seed(seed + 100 * k + i)).images
-                    ok += [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, chunk)]
+                ok = _fully_correct_share(sc, lambda prompts, i: sample(
+                    pipe, prompts, num_inference_steps=n_steps, guidance_scale=guidance_scale, sigmas=sigmas,
+                    generator=torch.Generator().manual_seed(seed + 100 * k + i)).images, batch)
                 row[f"{k}_object"] = float(np.mean(ok))
             out[name][n_steps] = row
     return out
