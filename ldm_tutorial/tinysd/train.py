@@ -36,6 +36,7 @@ from . import configs, data, load_text_encoder, load_vae, shapes
 from .tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "inpaint", "taesd", "flow")
+COSINE_STAGES = ("unet", "inpaint", "flow")       # the stages whose learning rate can decay (--cosine)
 DEFAULT_OUT = Path(__file__).parent / "weights"
 
 
@@ -341,8 +342,10 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     sf = vae.config.scaling_factor if decoder_only else latent_std_inverse(vae, images[: min(len(images), 4096)], ctx)
     vae.register_to_config(scaling_factor=sf)
     _save_fp16(vae, ctx.out / "tinysd" / "vae")
+    c = lossf.cfg
     return {"steps": step, "scaling_factor": sf, "disc_start": lossf.cfg.disc_start, **{k: float(v) for k, v in logs.items()},
-            "seconds": elapsed}
+            "seconds": elapsed, "loss_weights": {"l1": c.l1_weight, "l2": c.l2_weight, "perceptual": c.perceptual_weight,
+                                                 "gan": c.use_gan}}
 
 
 @torch.no_grad()
@@ -454,7 +457,8 @@ def inpaint_pool(ctx: Ctx, vae, images_u8: torch.Tensor, mask_pool: torch.Tensor
 
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
                drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon",
-               init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300) -> dict:
+               init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300,
+               lr_schedule: str = "constant") -> dict:
     """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG).
 
     objective="flow": the same U-Net, data and text encoder trained as a rectified flow instead
@@ -467,7 +471,11 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     continuation of the same length form a controlled comparison on the CPU.
     pool (inpainting only) precomputes that many (scene, mask, masked-image latents) triples, the
     CPU route (the per-step VAE encode dominates a CPU step).
+    lr_schedule: "constant" after the linear warm-up (the recipe of the shipped runs), or "cosine":
+    after warm-up, decay to zero over the budget (steps or seconds), the usual way to end a fine-tune.
     """
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if pool and not inpaint:
         raise ValueError("pool is for the inpainting stage only")
     if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
@@ -563,6 +571,8 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             inp = torch.cat([zt, m_lat, masked_lat], dim=1)     # (B, 4 + 1 + 4, 16, 16): diffusers' order
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
+            if lr_schedule == "cosine" and step >= warmup:
+                g["lr"] *= 0.5 * (1 + math.cos(math.pi * min(1.0, budget.frac(step))))
         with ctx.autocast:
             pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
             loss = F.mse_loss(pred.float(), target)
@@ -586,6 +596,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         write_model_index(ctx.out / "tinysd-inpaint", inpaint=True)
     return {"steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "seconds": elapsed, "objective": objective, **({"pool": pool} if pool else {}),
+            **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {}),
             **({"continued": True} if init_from_shipped else {})}
 
 
@@ -623,17 +634,27 @@ def taesd_targets(ctx: Ctx, vae, images_u8: torch.Tensor, batch: int = 64) -> tu
     return torch.cat(zs), torch.cat(xs)
 
 
-def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3, pool: int | None = None) -> dict:
+def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3, pool: int | None = None,
+                init_from_shipped: bool = False) -> dict:
     """Distil AutoencoderTiny from the VAE: encoder -> scaled latents, decoder -> the VAE's decodes.
 
     pool: compute the VAE's latents and decodes once for that many training scenes and draw batches
     from them (on the 2-core CPU a batch-64 step took 14.1 s with the two VAE passes, 6.6 s without);
     None: run the VAE every step.
+    init_from_shipped: continue the shipped preview decoder (after a decoder fine-tune of the VAE, say)
+    instead of starting from random weights.
     """
     torch.manual_seed(ctx.seed + 9)
     images, _ = ctx.dataset()
     vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
-    taesd = configs.new_taesd().to(ctx.device).train()
+    if init_from_shipped:
+        from diffusers import AutoencoderTiny  # noqa: PLC0415
+
+        taesd = AutoencoderTiny.from_pretrained(ctx.out / "tinysd-taesd", torch_dtype=torch.float32)
+        print("[taesd] continuing from the shipped preview decoder", flush=True)
+    else:
+        taesd = configs.new_taesd()
+    taesd = taesd.to(ctx.device).train()
     opt = torch.optim.Adam(taesd.parameters(), lr=lr)
     step, rng = 0, np.random.default_rng(ctx.seed + 19)
     ck = load_ckpt(ctx, "taesd")
@@ -668,7 +689,8 @@ def train_taesd(ctx: Ctx, budget: Budget, batch: int = 64, lr: float = 1e-3, poo
     elapsed = time.time() - budget.start          # training loop only, not setup or export
     progress.close()
     _save_fp16(taesd.eval(), ctx.out / "tinysd-taesd")
-    return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed, "target_pool": pool}
+    return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed, "target_pool": pool,
+            **({"continued": True} if init_from_shipped else {})}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -731,10 +753,16 @@ def main(argv: list[str] | None = None) -> None:
                         "(how Stability fine-tuned sd-vae-ft-mse's decoder)")
     p.add_argument("--continue-shipped", action="store_true",
                    help="clip: start from the shipped tiny CLIP; vae: fine-tune the shipped VAE's decoder only; "
-                        "unet / inpaint: continue the shipped U-Net; flow: start from the shipped epsilon U-Net")
+                        "unet / inpaint: continue the shipped U-Net; flow: start from the shipped epsilon U-Net; "
+                        "taesd: continue the shipped preview decoder")
+    p.add_argument("--cosine", action="store_true",
+                   help="unet / inpaint / flow: decay the learning rate to zero over the budget (cosine, after warm-up) "
+                        "instead of keeping it constant")
     p.add_argument("--latents-cache", type=Path, default=None,
                    help="unet / inpaint / flow: keep the pre-encoded latents in this file (runs side by side share it)")
     a = p.parse_args(argv)
+    if a.cosine and a.stage not in COSINE_STAGES + ("all",):
+        p.error(f"--cosine is for the stages {COSINE_STAGES} (or 'all'), not {a.stage!r}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -749,29 +777,39 @@ def main(argv: list[str] | None = None) -> None:
         ctx.log = json.loads(log_path.read_text())
     if a.threads:
         torch.set_num_threads(a.threads)
-    kw = {"batch": a.batch} if a.batch else {}
-    if a.lr:
-        kw["lr"] = a.lr
-    if a.stage == "vae" and a.vae_loss == "ft-mse":
-        from ldm_tutorial.losses import VAELossConfig  # noqa: PLC0415
-
-        kw["loss_cfg"] = VAELossConfig(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1, use_gan=False)
-    if a.pool and a.stage in ("taesd", "inpaint"):
-        kw["pool"] = a.pool
-    if a.continue_shipped:
-        kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1},
-                   "inpaint": {"init_from_shipped": True, "warmup": 50},
-                   "unet": {"init_from_shipped": True, "warmup": 50},
-                   "flow": {"init_from_shipped": True, "warmup": 50}}.get(a.stage, {}))
     if a.stage == "all":
         per = _per_stage(a.seconds_per_stage, "--seconds-per-stage")
         batches = _per_stage(a.batch_per_stage, "--batch-per-stage")
         for stage in STAGES:
             if stage in per:
                 extra = {"batch": int(batches[stage])} if stage in batches else {}
-                run_stage(ctx, stage, Budget(a.steps, float(per[stage])), **{**kw, **extra})
+                run_stage(ctx, stage, Budget(a.steps, float(per[stage])), **{**stage_kwargs(a, stage), **extra})
     else:
-        run_stage(ctx, a.stage, Budget(a.steps, a.seconds), **kw)
+        run_stage(ctx, a.stage, Budget(a.steps, a.seconds), **stage_kwargs(a, a.stage))
+
+
+def stage_kwargs(a: argparse.Namespace, stage: str) -> dict:
+    """The keyword arguments the command line asks of one stage (also each stage of 'all')."""
+    kw: dict = {}
+    if a.continue_shipped:
+        kw.update({"clip": {"init_from_shipped": True}, "vae": {"decoder_only": True, "disc_start_frac": 0.1},
+                   "inpaint": {"init_from_shipped": True, "warmup": 50},
+                   "unet": {"init_from_shipped": True, "warmup": 50},
+                   "flow": {"init_from_shipped": True, "warmup": 50},
+                   "taesd": {"init_from_shipped": True, "lr": 3e-4}}.get(stage, {}))
+    if a.batch:
+        kw["batch"] = a.batch
+    if a.lr:
+        kw["lr"] = a.lr
+    if stage == "vae" and a.vae_loss == "ft-mse":
+        from ldm_tutorial.losses import VAELossConfig  # noqa: PLC0415
+
+        kw["loss_cfg"] = VAELossConfig(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1, use_gan=False)
+    if a.pool and stage in ("taesd", "inpaint"):
+        kw["pool"] = a.pool
+    if a.cosine and stage in COSINE_STAGES:
+        kw["lr_schedule"] = "cosine"
+    return kw
 
 
 if __name__ == "__main__":
