@@ -282,10 +282,10 @@ def test_unet_stage_trains_from_the_caption_bank(tmp_path):
     for sub in ("tinysd", "tinyclip"):
         shutil.copytree(tinysd.WEIGHTS_DIR / sub, out / sub)
     shutil.rmtree(out / "tinysd" / "unet")
-    train.main(["unet", "--n-scenes", "16", "--batch", "4", "--steps", "2", "--out", str(out),
+    train.main(["unet", "--cosine", "--n-scenes", "16", "--batch", "4", "--steps", "2", "--out", str(out),
                 "--ckpt-dir", str(tmp_path / "ck")])
     log = json.loads((out / "training_log.json").read_text())
-    assert log["unet"]["steps"] == 2
+    assert log["unet"]["steps"] == 2 and log["unet"]["lr_schedule"] == "cosine"
     # a fresh U-Net trains against the current CLIP text tower, exported into the pipeline folder first
     te = tinysd.load_text_encoder(weights_dir=out)[0]
     clip = tinysd.load_clip(weights_dir=out)[0]
@@ -431,3 +431,52 @@ def test_inpaint_pool_holds_masked_image_latents_and_continues_the_shipped_unet(
     torch.testing.assert_close(after[:, 4:], shipped[:, 4:], atol=2e-3, rtol=1e-2)
     with pytest.raises(ValueError, match="inpainting stage only"):
         train.train_unet(ctx, train.Budget(1, None), pool=4)
+
+
+def test_learning_rate_warms_up_then_stays_or_decays_to_zero():
+    from ldm_tutorial.tinysd.train import learning_rate
+
+    assert learning_rate(1e-3, 0, 10, 0.0) == pytest.approx(1e-4)              # warm-up: (step + 1) / warmup
+    assert learning_rate(1e-3, 500, 10, 0.7) == pytest.approx(1e-3)            # constant after warm-up
+    assert learning_rate(1e-3, 500, 10, 0.5, "cosine") == pytest.approx(5e-4)  # half way: half the rate
+    assert learning_rate(1e-3, 900, 10, 1.0, "cosine") == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(1e-3, s, 10, s / 100, "cosine") for s in range(10, 100)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))                       # decays monotonically
+
+
+def test_command_line_asks_each_stage_of_all_for_its_own_options():
+    import argparse
+
+    from ldm_tutorial.tinysd.train import main, stage_kwargs
+
+    a = argparse.Namespace(continue_shipped=True, batch=None, lr=None, vae_loss="ft-mse", pool=None, cosine=True)
+    vae = stage_kwargs(a, "vae")
+    assert vae["decoder_only"] and "lr_schedule" not in vae
+    assert vae["loss_cfg"].l2_weight == 1.0 and not vae["loss_cfg"].use_gan        # sd-vae-ft-mse's loss
+    unet = stage_kwargs(a, "unet")
+    assert unet == {"init_from_shipped": True, "warmup": 50, "lr_schedule": "cosine"}
+    assert stage_kwargs(a, "taesd") == {"init_from_shipped": True, "lr": 3e-4}
+    a.lr = 1e-5
+    assert stage_kwargs(a, "taesd")["lr"] == 1e-5                                  # an explicit --lr wins
+    with pytest.raises(SystemExit):
+        main(["vae", "--cosine", "--steps", "1"])                                  # no learning-rate decay there
+
+
+def test_taesd_stage_continues_the_shipped_preview_decoder(tmp_path):
+    from diffusers import AutoencoderTiny
+    from ldm_tutorial.tinysd import train
+
+    out = tmp_path / "w"
+    shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd" / "vae", out / "tinysd" / "vae")
+    shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd-taesd", out / "tinysd-taesd")
+    train.main(["taesd", "--continue-shipped", "--n-scenes", "8", "--batch", "2", "--steps", "1", "--lr", "1e-9",
+                "--out", str(out), "--ckpt-dir", str(tmp_path / "ck")])
+    shipped = AutoencoderTiny.from_pretrained(tinysd.WEIGHTS_DIR / "tinysd-taesd").state_dict()
+    after = AutoencoderTiny.from_pretrained(out / "tinysd-taesd").state_dict()
+    for k in shipped:                                   # continued, not restarted from random weights
+        torch.testing.assert_close(after[k].float(), shipped[k].float(), atol=2e-3, rtol=1e-2)
+    log = json.loads((out / "training_log.json").read_text())["taesd-continued"]
+    assert log["continued"] and log["steps"] == 1 and log["lr"] == 1e-9
+    # the exported config is the fresh architecture's: it reloads without diffusers' unexpected-key notice
+    assert json.loads((out / "tinysd-taesd" / "config.json").read_text()) == json.loads(
+        (tinysd.WEIGHTS_DIR / "tinysd-taesd" / "config.json").read_text())

@@ -165,8 +165,12 @@ def _save_fp16(model, path: Path, **kwargs) -> None:
     m.save_pretrained(path, max_shard_size="15MB", **kwargs)
     cfg_path = Path(path) / "config.json"                 # no machine-specific paths in shipped configs
     cfg = json.loads(cfg_path.read_text())
-    if cfg.pop("_name_or_path", None) is not None:
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    # keys its own __init__ does not take make diffusers' loader warn ("passed ... but are not expected"):
+    # AutoencoderTiny registers `block_out_channels` for pipelines but does not accept it back
+    accepted = inspect.signature(type(model).__init__).parameters
+    drop = [k for k in cfg if k == "_name_or_path" or (not k.startswith("_") and k not in accepted)]
+    if drop:
+        cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k not in drop}, indent=2) + "\n")
 
 
 def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length") -> torch.Tensor:
@@ -455,6 +459,15 @@ def inpaint_pool(ctx: Ctx, vae, images_u8: torch.Tensor, mask_pool: torch.Tensor
     return idx, masks.to(torch.uint8), torch.cat(lats)
 
 
+def learning_rate(base: float, step: int, warmup: int, frac: float, schedule: str = "constant") -> float:
+    """The U-Net stages' learning rate: linear warm-up over `warmup` steps, then constant, or for
+    "cosine" times 0.5 (1 + cos(pi * frac)), where frac is the share of the budget used (0 to 1)."""
+    lr = base * min(1.0, (step + 1) / warmup)
+    if schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
+    return lr
+
+
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
                drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon",
                init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300,
@@ -570,9 +583,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             m_lat = F.interpolate(m, size=z0.shape[-2:])        # diffusers: nearest resize of the mask
             inp = torch.cat([zt, m_lat, masked_lat], dim=1)     # (B, 4 + 1 + 4, 16, 16): diffusers' order
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup)
-            if lr_schedule == "cosine" and step >= warmup:
-                g["lr"] *= 0.5 * (1 + math.cos(math.pi * min(1.0, budget.frac(step))))
+            g["lr"] = learning_rate(lr, step, warmup, budget.frac(step), lr_schedule)
         with ctx.autocast:
             pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
             loss = F.mse_loss(pred.float(), target)
