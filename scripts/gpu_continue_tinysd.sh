@@ -8,23 +8,13 @@
 # process 3 stay valid with either decoder, and the better decoder is chosen afterwards (on the CPU).
 # Usage (device machine, repo root):
 #   bash scripts/gpu_continue_tinysd.sh VAE_S TAESD_S UNET_S INPAINT_S [TIMEOUT_S]
-# e.g. bash scripts/gpu_continue_tinysd.sh 280 70 200 160 470
+# e.g. (the shipped run, on an H200) N_SCENES_VAE=12000 N_SCENES_UNET=50000 bash scripts/gpu_continue_tinysd.sh 260 60 180 140 480
 # Results come back through $OUT as weights.tar.* (w1/ w2/ w3/ trees) and log.txt.
 # Off the device machine (a CPU dry run) set OUT, SKIP_PIP=1 and small N_SCENES_VAE / N_SCENES_UNET.
-set -u
-OUT=${OUT:?set OUT to a folder for the results}
-if [ -z "${SKIP_PIP:-}" ]; then
-  # diffusers is missing on the device image; its transformers (5.17) loads the shipped CLIP folders
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 T=${5:-470}
 NV=${N_SCENES_VAE:-20000}
 NU=${N_SCENES_UNET:-60000}
-nvidia-smi -L 2>/dev/null
-$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 R=/tmp/cont && rm -rf $R && mkdir -p $R
 for w in w1 w2 w3; do
   mkdir -p $R/$w && cp -r ldm_tutorial/tinysd/weights/tinysd ldm_tutorial/tinysd/weights/tinysd-inpaint \
@@ -32,13 +22,7 @@ for w in w1 w2 w3; do
 done
 train() {  # $1: out folder, rest: arguments of `python -m ldm_tutorial.tinysd.train`
   local w=$1; shift
-  # import the tinysd subpackage without the top-level package's notebook helpers
-  timeout "$T" $PY -c "
-import os, sys, types
-m = types.ModuleType('ldm_tutorial'); m.__path__ = [os.path.abspath('ldm_tutorial')]; sys.modules['ldm_tutorial'] = m
-from ldm_tutorial.tinysd.train import main
-main(sys.argv[1:] + ['--out', '$w', '--ckpt-dir', '$w-ck', '--ckpt-every', '100000'])
-" "$@" 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$' | grep -v '^\s*$' > $w.log
+  train_py "$T" "$@" --out "$w" --ckpt-dir "$w-ck" --ckpt-every 100000 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$' | grep -v '^\s*$' > $w.log
   echo "exit $w: ${PIPESTATUS[0]}" >> $w.log
 }
 train $R/w1 all --seconds-per-stage "vae=$1,taesd=$2" --batch-per-stage vae=64,taesd=64 --continue-shipped \

@@ -7,27 +7,12 @@
 #   bash scripts/gpu_train_tinysd.sh "flow=230" 330 40000 "flow=512"
 # Plan about 80 s of setup (render, pre-encode, caption bank, exports) on top of the stage seconds.
 # Off the device machine (a CPU dry run) set OUT and SKIP_PIP=1.
-set -u
-OUT=${OUT:?set OUT to a folder for the results}
-if [ -z "${SKIP_PIP:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 W=${W:-/tmp/w}
-nvidia-smi -L 2>/dev/null
-$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 rm -rf "$W" && mkdir -p "$W" && cp -r ldm_tutorial/tinysd/weights/tinyclip ldm_tutorial/tinysd/weights/tinysd \
   ldm_tutorial/tinysd/weights/training_log.json "$W"/
-# import the tinysd subpackage without the top-level package's notebook helpers
-timeout "${2:-500}" $PY -c "
-import os, sys, types
-m = types.ModuleType('ldm_tutorial'); m.__path__ = [os.path.abspath('ldm_tutorial')]; sys.modules['ldm_tutorial'] = m
-from ldm_tutorial.tinysd.train import main
-main(['all', '--seconds-per-stage', '${1}', '--n-scenes', '${3:-50000}', '--batch-per-stage', '${4:-}',
-      '--out', '$W', '--ckpt-dir', '$W-ck', '--ckpt-every', '100000'])
-" 2>&1 | grep -v 'it/s\]$' | tr '\r' '\n' | grep -v '^\s*$' | tail -n 200
+train_py "${2:-500}" all --seconds-per-stage "$1" --n-scenes "${3:-50000}" --batch-per-stage "${4:-}" \
+  --out "$W" --ckpt-dir "$W-ck" --ckpt-every 100000 2>&1 | grep -v 'it/s\]$' | tr '\r' '\n' | grep -v '^\s*$' | tail -n 200
 echo "exit: ${PIPESTATUS[0]}"
 ls -la "$W" "$W"/* 2>/dev/null | head -60
 cp "$W"/training_log.json "$OUT/" 2>/dev/null

@@ -168,7 +168,8 @@ def _save_fp16(model, path: Path, **kwargs) -> None:
     # keys its own __init__ does not take make diffusers' loader warn ("passed ... but are not expected"):
     # AutoencoderTiny registers `block_out_channels` for pipelines but does not accept it back
     accepted = inspect.signature(type(model).__init__).parameters
-    drop = [k for k in cfg if k == "_name_or_path" or (not k.startswith("_") and k not in accepted)]
+    takes_any = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in accepted.values())
+    drop = [k for k in cfg if k == "_name_or_path" or (not takes_any and not k.startswith("_") and k not in accepted)]
     if drop:
         cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k not in drop}, indent=2) + "\n")
 
@@ -484,8 +485,9 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     continuation of the same length form a controlled comparison on the CPU.
     pool (inpainting only) precomputes that many (scene, mask, masked-image latents) triples, the
     CPU route (the per-step VAE encode dominates a CPU step).
-    lr_schedule: "constant" after the linear warm-up (the recipe of the shipped runs), or "cosine":
-    after warm-up, decay to zero over the budget (steps or seconds), the usual way to end a fine-tune.
+    lr_schedule: "constant" after the linear warm-up (the recipe of the H100 runs), or "cosine": the
+    warm-up times a cosine decay to zero over the budget (steps or seconds), the usual way to end a
+    fine-tune (`learning_rate`).
     """
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
@@ -767,8 +769,8 @@ def main(argv: list[str] | None = None) -> None:
                         "unet / inpaint: continue the shipped U-Net; flow: start from the shipped epsilon U-Net; "
                         "taesd: continue the shipped preview decoder")
     p.add_argument("--cosine", action="store_true",
-                   help="unet / inpaint / flow: decay the learning rate to zero over the budget (cosine, after warm-up) "
-                        "instead of keeping it constant")
+                   help="unet / inpaint / flow: decay the learning rate to zero over the budget (a cosine, on top of "
+                        "the warm-up) instead of keeping it constant")
     p.add_argument("--latents-cache", type=Path, default=None,
                    help="unet / inpaint / flow: keep the pre-encoded latents in this file (runs side by side share it)")
     a = p.parse_args(argv)
