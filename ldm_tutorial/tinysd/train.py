@@ -37,6 +37,7 @@ from .tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "inpaint", "taesd", "flow")
 COSINE_STAGES = ("unet", "inpaint", "flow")       # the stages whose learning rate can decay (--cosine)
+LR_SCHEDULES = ("constant", "cosine")             # the U-Net stages' schedules after warm-up (learning_rate)
 DEFAULT_OUT = Path(__file__).parent / "weights"
 
 
@@ -463,6 +464,8 @@ def inpaint_pool(ctx: Ctx, vae, images_u8: torch.Tensor, mask_pool: torch.Tensor
 def learning_rate(base: float, step: int, warmup: int, frac: float, schedule: str = "constant") -> float:
     """The U-Net stages' learning rate: linear warm-up over `warmup` steps, then constant, or for
     "cosine" times 0.5 (1 + cos(pi * frac)), where frac is the share of the budget used (0 to 1)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     lr = base * min(1.0, (step + 1) / warmup)
     if schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
@@ -489,8 +492,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     warm-up times a cosine decay to zero over the budget (steps or seconds), the usual way to end a
     fine-tune (`learning_rate`).
     """
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    learning_rate(lr, 0, warmup, 0.0, lr_schedule)        # a bad schedule fails here, before any setup
     if pool and not inpaint:
         raise ValueError("pool is for the inpainting stage only")
     if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
