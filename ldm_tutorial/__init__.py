@@ -5,9 +5,11 @@ are built only when a function is called. The `tinysd` subpackage is imported la
 `load_pipeline("tiny")`.
 """
 from . import metrics, schedules, vae_lab
+from . import guidance
 from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_bytes, attention_sites, attention_table,
                    build_on_meta, count_parameters, family_table, record_attention, sdxl_pipelines,
                    tiny_sd3_transformer, tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
+from .latents import LatentHealth, check_latent_health
 from .models import REGISTRY, TASKS, ModelSpec, load_pipeline
 from .plotting import overlay_heatmap, plot_curves, show_images
 from .sampling import SampleOutput, flux_sigmas, sample, sigmas_for
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CONFIGS", "FAMILY", "REGISTRY", "TASKS", "JointAttentionWrittenOut", "ModelSpec", "RuntimeInfo",
     "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
+    "check_latent_health", "LatentHealth",
+    "guidance",
     "describe_runtime", "family_table", "metrics", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
     "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "sigmas_for", "SampleOutput", "schedules",
     "sdxl_pipelines", "seed_everything",

@@ -486,3 +486,47 @@ def test_taesd_stage_continues_the_shipped_preview_decoder(tmp_path):
     # the exported config is the fresh architecture's: it reloads without diffusers' unexpected-key notice
     assert json.loads((out / "tinysd-taesd" / "config.json").read_text()) == json.loads(
         (tinysd.WEIGHTS_DIR / "tinysd-taesd" / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- scaling-factor comparison
+def test_latent_scale_none_trains_on_raw_latents_and_exports_beside_the_pipeline(tmp_path):
+    from ldm_tutorial.tinysd import configs, train
+
+    out = tmp_path / "w"
+    for sub in ("vae", "text_encoder", "tokenizer"):       # no tinyclip/: a text-encoder re-export would fail
+        shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd" / sub, out / "tinysd" / sub)
+    args = ["--unet-preset", "small", "--n-scenes", "16", "--batch", "8", "--steps", "2", "--out", str(out)]
+    train.main(["unet", "--latent-scale", "none", *args, "--ckpt-dir", str(tmp_path / "ck_raw")])
+    train.main(["unet", "--latent-scale", "config", *args, "--ckpt-dir", str(tmp_path / "ck_sc")])
+    log = json.loads((out / "training_log.json").read_text())
+    raw, scaled = log["unet-scaling-unscaled"], log["unet-scaling-scaled"]
+    sf = tinysd.load_vae(weights_dir=out).config.scaling_factor
+    assert raw["scaling_factor_trained_with"] == 1.0 and scaled["scaling_factor_trained_with"] == sf
+    # the z0 each loop trained on: raw latents have TinySD's raw std (2.71 on held-out scenes), scaled ones ~1
+    assert 2.0 < raw["first_batch_z0_std"] < 3.4
+    assert 0.75 < scaled["first_batch_z0_std"] < 1.3
+    # same seed, same batch: the two targets differ by exactly the factor
+    assert raw["first_batch_z0_std"] * sf == pytest.approx(scaled["first_batch_z0_std"], rel=1e-4)
+    assert not (out / "tinysd" / "unet").exists()           # the pipeline's own U-Net is left alone
+    unet, decode_sf = tinysd.load_scaling_unet("unscaled", weights_dir=out)
+    assert decode_sf == 1.0 and tinysd.load_scaling_unet("scaled", weights_dir=out)[1] == sf
+    assert unet.config.block_out_channels == list(configs.UNET_PRESETS["small"]["block_out_channels"])
+    assert sum(p.numel() for p in unet.parameters()) < 1.2e6   # two ship in under 5 MiB (float16)
+    assert json.loads((out / "tinysd-scaling" / "unscaled" / "log.json").read_text())["decode_scaling_factor"] == 1.0
+
+
+def test_scaling_options_refuse_what_they_cannot_do(tmp_path):
+    from ldm_tutorial.tinysd import configs, train
+
+    with pytest.raises(ValueError, match="latent_scale must be one of"):
+        train.train_unet(None, None, latent_scale="half")           # refused before any setup
+    with pytest.raises(ValueError, match="unet_preset must be one of"):
+        configs.unet_preset("tiny")
+    with pytest.raises(ValueError, match="fresh text U-Net"):
+        train.train_unet(None, None, inpaint=True, latent_scale="none")
+    with pytest.raises(SystemExit):
+        train.main(["vae", "--latent-scale", "none", "--steps", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        tinysd.load_scaling_unet("half")
+    with pytest.raises(FileNotFoundError, match="--latent-scale none"):
+        tinysd.load_scaling_unet("unscaled", weights_dir=tmp_path)

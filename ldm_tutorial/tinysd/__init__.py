@@ -9,6 +9,8 @@ DDIMScheduler, AutoencoderTiny), saved in diffusers/transformers folder layout a
     weights/tinysd-inpaint/   the 9-channel inpainting U-Net (the rest is shared with tinysd/)
     weights/tinysd-taesd/     AutoencoderTiny preview decoder distilled from the VAE
     weights/tinyclip/         the whole tiny CLIPModel (text + vision towers) and tokenizer
+    weights/tinysd-scaling/   two small U-Nets trained on scaled and on raw latents (scaling-factor
+                              chapter), each with a log.json
     weights/training_log.json how each was trained (steps, seconds, device)
 """
 
@@ -119,6 +121,65 @@ def objective_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
     return {"epsilon, DDIM leading": build(eps_unet, DDIMScheduler.from_config(ddim.config, timestep_spacing="leading")),
             "epsilon, DDIM trailing": build(eps_unet, DDIMScheduler.from_config(ddim.config, timestep_spacing="trailing")),
             "flow, Euler": build(flow_unet, flow_sched)}
+
+
+SCALING_VARIANTS = ("scaled", "unscaled")
+
+
+def load_scaling_unet(variant: str, device="cpu", weights_dir: Path | None = None, dtype=None):
+    """(UNet2DConditionModel, decode scaling factor) of the scaling-factor chapter's comparison.
+
+    Two small U-Nets (`configs.UNET_PRESETS["small"]`) trained for the same seconds on the same
+    latents: "scaled" on latents times the VAE's scaling_factor (SD's recipe), "unscaled" on the raw
+    latents. The second number is the factor its samples must be decoded with: the VAE's own for
+    "scaled", 1.0 for "unscaled" (its U-Net produces raw latents; dividing them by 0.3788 would
+    blow them up by 2.6x). `scaling_comparison` builds both pipelines that way.
+    """
+    import json  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+    if variant not in SCALING_VARIANTS:
+        raise ValueError(f"variant must be one of {list(SCALING_VARIANTS)}, got {variant!r}")
+    root = (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / "tinysd-scaling" / variant
+    if not (root / "unet" / "config.json").exists():
+        flag = "config" if variant == "scaled" else "none"
+        raise FileNotFoundError(f"the {variant} comparison U-Net is not shipped at {root}; train it with "
+                                f"`python -m ldm_tutorial.tinysd.train unet --unet-preset small "
+                                f"--latent-scale {flag} --out <a copy of weights/>`")
+    log = json.loads((root / "log.json").read_text())
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(dtype or torch.float32))
+    return unet.to(device).eval(), float(log["decode_scaling_factor"])
+
+
+def scaling_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
+    """{"scaled": pipeline, "unscaled": pipeline}: the two comparison U-Nets in TinySD's pipeline.
+
+    Both share `pipe`'s text encoder, tokenizer and scheduler. "scaled" uses `pipe`'s VAE as it is;
+    "unscaled" gets a copy of it whose config says scaling_factor 1.0, because its U-Net was trained
+    on raw latents (the pipeline divides by vae.config.scaling_factor before decoding).
+    """
+    import copy  # noqa: PLC0415
+
+    from diffusers import StableDiffusionPipeline  # noqa: PLC0415
+
+    if pipe is None:
+        from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+
+        pipe = load_pipeline("tiny", verbose=False)
+    out = {}
+    for variant in SCALING_VARIANTS:
+        unet, sf = load_scaling_unet(variant, pipe.device, weights_dir, dtype=pipe.unet.dtype)
+        vae = pipe.vae
+        if sf != vae.config.scaling_factor:
+            vae = copy.deepcopy(vae)
+            vae.register_to_config(scaling_factor=sf)
+        out[variant] = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "vae": vae},
+                                               requires_safety_checker=False)
+    return out
 
 
 def load_vae(device="cpu", weights_dir: Path | None = None):

@@ -38,6 +38,7 @@ from .tokenizer import build_tokenizer
 STAGES = ("clip", "vae", "unet", "inpaint", "taesd", "flow")
 COSINE_STAGES = ("unet", "inpaint", "flow")       # the stages whose learning rate can decay (--cosine)
 LR_SCHEDULES = ("constant", "cosine")             # the U-Net stages' schedules after warm-up (learning_rate)
+LATENT_SCALES = ("config", "none")                # unet: latents times the VAE's scaling_factor, or raw (times 1)
 DEFAULT_OUT = Path(__file__).parent / "weights"
 
 
@@ -475,7 +476,7 @@ def learning_rate(base: float, step: int, warmup: int, frac: float, schedule: st
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
                drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon",
                init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300,
-               lr_schedule: str = "constant") -> dict:
+               lr_schedule: str = "constant", latent_scale: str = "config", unet_preset: str = "default") -> dict:
     """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG).
 
     objective="flow": the same U-Net, data and text encoder trained as a rectified flow instead
@@ -491,20 +492,34 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     lr_schedule: "constant" after the linear warm-up (the recipe of the H100 runs), or "cosine": the
     warm-up times a cosine decay to zero over the budget (steps or seconds), the usual way to end a
     fine-tune (`learning_rate`).
+    latent_scale / unet_preset (the scaling-factor chapter's comparison): "config" trains on latents
+    times the VAE's scaling_factor (SD's recipe), "none" on the raw latents (times 1.0); unet_preset
+    names a size in `configs.UNET_PRESETS`. Either one away from its default makes this a
+    comparison run: a fresh text U-Net against the text encoder already in `ctx.out` (not
+    re-exported), exported to `tinysd-scaling/{scaled,unscaled}/unet` with a `log.json` beside it
+    (the loss every 10 steps, and the scaling factor its samples must be decoded with).
     """
     learning_rate(lr, 0, warmup, 0.0, lr_schedule)        # a bad schedule fails here, before any setup
+    if latent_scale not in LATENT_SCALES:
+        raise ValueError(f"latent_scale must be one of {LATENT_SCALES}, got {latent_scale!r}")
+    preset = configs.unet_preset(unet_preset)             # a bad preset name fails here too
+    comparison = scaling_run_name(latent_scale, unet_preset)
+    if comparison and (inpaint or objective != "epsilon" or init_from_shipped):
+        raise ValueError("latent_scale / unet_preset are for a fresh text U-Net (stage 'unet', "
+                         "epsilon objective, without --continue-shipped)")
     if pool and not inpaint:
         raise ValueError("pool is for the inpainting stage only")
     if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
         raise ValueError(f"objective must be 'epsilon' or 'flow' (flow without inpaint), got {objective!r}")
     name = "inpaint" if inpaint else ("flow" if objective == "flow" else "unet")
+    name = comparison or name                 # its own checkpoint name: never resumes another run
     torch.manual_seed(ctx.seed + (7 if inpaint else 5))
     if name == "unet" and not init_from_shipped and not (ctx.ckpt_dir / "unet.pt").exists():
         export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
     te, tok = load_text_encoder(ctx.device, ctx.out)
     te.requires_grad_(False)
     vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
-    sf = vae.config.scaling_factor
+    sf = vae.config.scaling_factor if latent_scale == "config" else 1.0
     sched = configs.new_scheduler()
     if inpaint and init_from_shipped:
         from diffusers import UNet2DConditionModel  # noqa: PLC0415
@@ -527,15 +542,16 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         unet = UNet2DConditionModel.from_pretrained(ctx.out / "tinysd" / "unet", torch_dtype=torch.float32)
         print(f"[{name}] starting from the shipped epsilon U-Net's weights", flush=True)
     else:
-        unet = configs.new_unet()
+        unet = configs.new_unet(**preset)
     unet.to(ctx.device).train()
     ema = EMA(unet, ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0, fused=ctx.device.type == "cuda")
     step, rng = 0, np.random.default_rng(ctx.seed + (17 if inpaint else 11))
+    losses: list[float] = []                  # every 10th step's loss (kept in the checkpoint: the curve survives a resume)
     ck = load_ckpt(ctx, name)
     if ck:
         unet.load_state_dict(ck["model"]); ema.shadow.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
-        step, rng = ck["step"], ck["rng"]
+        step, rng, losses = ck["step"], ck["rng"], list(ck.get("losses", []))
     images, scenes = ctx.dataset()
     if getattr(ctx, "_latents", None) is None:
         ctx._latents = cached_latents(ctx, vae)
@@ -546,10 +562,11 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     pooled = inpaint_pool(ctx, vae, images, mask_pool, pool, np.random.default_rng(ctx.seed + 29)) if pool else None
     acp = sched.alphas_cumprod.to(ctx.device)
     def state():
-        return dict(model=unet.state_dict(), ema=ema.shadow.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+        return dict(model=unet.state_dict(), ema=ema.shadow.state_dict(), opt=opt.state_dict(), step=step, rng=rng,
+                    losses=losses)
 
     budget.restart()
-    losses: list[float] = []
+    z0_std = None                             # std of the first batch the loop trains on (what latent_scale did)
     progress = Progress(ctx, name, state)
     while not budget.done(step):
         if pooled:
@@ -559,6 +576,8 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             idx = rng.integers(len(scenes), size=batch)
         idx_t = torch.from_numpy(idx).to(mean.device)
         z0 = (mean[idx_t].float() + std[idx_t].float() * torch.randn_like(mean[idx_t].float())).to(ctx.device) * sf
+        if z0_std is None:
+            z0_std = float(z0.std())
         ids = bank[idx_t.to(bank.device), torch.from_numpy(rng.integers(bank.shape[1], size=batch)).to(bank.device)]
         dropped = torch.from_numpy(rng.random(batch) < drop_prob).to(bank.device)
         ids = torch.where(dropped[:, None], empty_ids, ids).long()   # caption dropout: the empty prompt
@@ -599,6 +618,13 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         progress.tick(step, lambda: {"loss": f"{np.mean(losses[-20:]):.4f}"})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
     progress.close()
+    if comparison:
+        return _export_scaling_run(ctx, ema.shadow, latent_scale, unet_preset, sf, {
+            "steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None, "seconds": elapsed,
+            "objective": objective, "latent_scale": latent_scale, "unet_preset": unet_preset,
+            "scaling_factor_trained_with": sf, "first_batch_z0_std": z0_std, "warmup": warmup,
+            "n_scenes": ctx.n_scenes, "parameters": sum(p.numel() for p in ema.shadow.parameters()),
+            **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {})}, losses)
     _save_fp16(ema.shadow, ctx.out / {"unet": "tinysd", "inpaint": "tinysd-inpaint", "flow": "tinysd-flow"}[name] / "unet")
     if name == "flow":
         from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
@@ -613,6 +639,30 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             "seconds": elapsed, "objective": objective, **({"pool": pool} if pool else {}),
             **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {}),
             **({"continued": True} if init_from_shipped else {})}
+
+
+def scaling_run_name(latent_scale: str = "config", unet_preset: str = "default") -> str | None:
+    """The scaling-factor comparison's run name (its checkpoint and training-log key), None for the
+    shipped recipe: "unet-scaling-scaled" or "unet-scaling-unscaled", plus the preset if not "small"."""
+    if latent_scale == "config" and unet_preset == "default":
+        return None
+    variant = "scaled" if latent_scale == "config" else "unscaled"
+    return f"unet-scaling-{variant}" + ("" if unet_preset == "small" else f"-{unet_preset}")
+
+
+def _export_scaling_run(ctx: Ctx, unet, latent_scale: str, unet_preset: str, sf: float, res: dict,
+                        losses: list[float]) -> dict:
+    """Write a comparison U-Net to tinysd-scaling/<variant>/unet (float16) and its log.json beside it."""
+    variant = "scaled" if latent_scale == "config" else "unscaled"
+    folder = ctx.out / "tinysd-scaling" / (variant if unet_preset == "small" else f"{variant}-{unet_preset}")
+    _save_fp16(unet, folder / "unet")
+    how = (f"decode with the VAE's scaling_factor ({sf:g}), as TinySD does" if latent_scale == "config" else
+           "trained on raw latents: sample with a VAE whose scaling_factor is 1.0 "
+           "(ldm.tinysd.scaling_comparison does this)")
+    log = {**res, "decode_scaling_factor": sf, "sampling": how, "loss_every": 10, "losses": losses,
+           "device": str(ctx.device)}
+    (folder / "log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return res
 
 
 def write_model_index(folder: Path, inpaint: bool = False) -> None:
@@ -716,7 +766,9 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
     print(f"== {stage} on {ctx.device} ==", flush=True)
     res = fn(ctx, budget, **kw)
     params = inspect.signature(train_unet if stage in ("inpaint", "flow") else fn).parameters
-    if kw.get("decoder_only"):
+    if scaling_run_name(kw.get("latent_scale", "config"), kw.get("unet_preset", "default")):
+        stage = scaling_run_name(kw.get("latent_scale", "config"), kw.get("unet_preset", "default"))
+    elif kw.get("decoder_only"):
         stage = "vae-decoder-finetune"
     elif kw.get("init_from_shipped"):
         stage = f"{stage}-continued"
@@ -775,9 +827,20 @@ def main(argv: list[str] | None = None) -> None:
                         "the warm-up) instead of keeping it constant")
     p.add_argument("--latents-cache", type=Path, default=None,
                    help="unet / inpaint / flow: keep the pre-encoded latents in this file (runs side by side share it)")
+    p.add_argument("--latent-scale", choices=LATENT_SCALES, default="config",
+                   help="unet: train on latents times the VAE's scaling_factor (config, SD's recipe) or on the raw "
+                        "latents (none); either this or --unet-preset makes a comparison run, exported to "
+                        "tinysd-scaling/{scaled,unscaled}/ (the scaling-factor chapter)")
+    p.add_argument("--unet-preset", choices=tuple(configs.UNET_PRESETS), default="default",
+                   help="unet: the U-Net's size (configs.UNET_PRESETS; small: 1.0M parameters)")
+    p.add_argument("--warmup", type=int, default=None, help="unet / inpaint / flow: learning-rate warm-up steps")
     a = p.parse_args(argv)
     if a.cosine and a.stage not in COSINE_STAGES + ("all",):
         p.error(f"--cosine is for the stages {COSINE_STAGES} (or 'all'), not {a.stage!r}")
+    if (a.latent_scale != "config" or a.unet_preset != "default") and a.stage != "unet":
+        p.error(f"--latent-scale / --unet-preset are for the stage 'unet', not {a.stage!r}")
+    if a.warmup is not None and a.stage not in COSINE_STAGES:
+        p.error(f"--warmup is for the stages {COSINE_STAGES}, not {a.stage!r}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -824,6 +887,11 @@ def stage_kwargs(a: argparse.Namespace, stage: str) -> dict:
         kw["pool"] = a.pool
     if a.cosine and stage in COSINE_STAGES:
         kw["lr_schedule"] = "cosine"
+    scale, preset = getattr(a, "latent_scale", "config"), getattr(a, "unet_preset", "default")
+    if stage == "unet" and scaling_run_name(scale, preset):
+        kw.update(latent_scale=scale, unet_preset=preset)
+    if getattr(a, "warmup", None) is not None and stage in COSINE_STAGES:
+        kw["warmup"] = a.warmup
     return kw
 
 
