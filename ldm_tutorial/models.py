@@ -7,12 +7,13 @@ both available, and the project's own TinySD otherwise, and says which and why.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .runtime import dtype_kwargs, hub_available, hub_reason, pick_device, pick_dtype, quiet_loading
+from .runtime import cpu_half_note, dtype_kwargs, hub_available, hub_reason, pick_device, pick_dtype, quiet_loading
 
 TASKS = ("text2img", "img2img", "inpaint")
 
@@ -138,6 +139,8 @@ def load_pipeline(name: str = "auto", task: str = "text2img", device: torch.devi
         RuntimeError: a Hub model was asked for but cannot be had here (offline, or no CUDA).
     """
     _check_task(task)
+    if not isinstance(name, str):
+        raise ValueError(f"name must be 'auto', 'tiny' or one of {sorted(REGISTRY)}, got {name!r}")
     device = pick_device(device)
     if name == "auto":
         key, reason = _auto_choice(task, device)
@@ -149,7 +152,10 @@ def load_pipeline(name: str = "auto", task: str = "text2img", device: torch.devi
         raise ValueError(f"name must be 'auto', 'tiny' or one of {sorted(REGISTRY)}, got {name!r}")
 
     if key == "tiny":
-        pipe, source = _load_tiny(task, device, pick_dtype(device, dtype))
+        dtype = pick_dtype(device, dtype)
+        if device.type == "cpu" and (note := cpu_half_note(dtype)):
+            warnings.warn(f"load_pipeline: {note}", UserWarning, stacklevel=2)
+        pipe, source = _load_tiny(task, device, dtype)
     else:
         pipe, source = _load_hub(REGISTRY[key], task, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -177,9 +183,16 @@ def _load_hub(spec: ModelSpec, task: str, device: torch.device, dtype):
     kwargs = dict(**dtype_kwargs(dtype), safety_checker=None, requires_safety_checker=False)
     if spec.variant and dtype == torch.float16:
         kwargs["variant"] = spec.variant
-    with quiet_loading():
-        pipe = cls.from_pretrained(spec.repo_id, **kwargs).to(device)
-    return pipe, f"{spec.key} ({spec.repo_id}, {str(dtype).removeprefix('torch.')})"
+    try:
+        with quiet_loading():
+            pipe = cls.from_pretrained(spec.repo_id, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every failure here is "the Hub download failed", said in one line
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(
+            f"cannot load {spec.key!r} ({spec.repo_id}) from the Hub: huggingface.co accepted a connection, "
+            f"but the download failed ({type(e).__name__}: {first}). A proxy or firewall that breaks "
+            f"HTTPS does this. Use load_pipeline('tiny') to run offline.") from e
+    return pipe.to(device), f"{spec.key} ({spec.repo_id}, {str(dtype).removeprefix('torch.')})"
 
 
 def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
@@ -197,4 +210,6 @@ def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
         if task == "inpaint":  # the 9-channel U-Net ships in its own folder; the rest is shared
             extra["unet"] = UNet2DConditionModel.from_pretrained(tinysd.inpaint_unet_dir(), **dtype_kwargs(dtype))
         pipe = cls.from_pretrained(Path(folder), **dtype_kwargs(dtype), **extra)
-    return pipe.to(device), "TinySD"
+    # diffusers warns that a float16 pipeline "cannot run" on the CPU; it does (cpu_half_note says what
+    # it costs, and load_pipeline has said it), so that warning is silenced for the tiny models only.
+    return pipe.to(device, silence_dtype_warnings=True), "TinySD"

@@ -6,11 +6,11 @@ global RNGs on purpose. Nothing runs at import time.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,19 +32,22 @@ def pick_device(prefer: str | None = None) -> torch.device:
     """
     if prefer is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind = torch.device(prefer).type
+    try:
+        kind = torch.device(prefer).type
+    except (RuntimeError, TypeError):          # torch's own error for "tpu" and other unknown names
+        kind = None
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"prefer must be None, 'cuda' (or 'cuda:N') or 'cpu', got {prefer!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("prefer='cuda' but no CUDA GPU is visible; use prefer=None or prefer='cpu'")
-    if kind not in ("cuda", "cpu"):
-        raise ValueError(f"prefer must be None, 'cuda' or 'cpu', got {prefer!r}")
     return torch.device(prefer)
 
 
 def pick_dtype(device: torch.device | str, prefer: torch.dtype | str | None = None) -> torch.dtype:
     """Choose the floating-point dtype for `device`.
 
-    CUDA: float16 by default, bfloat16 when asked and supported. CPU: float32 only (half precision
-    convolutions on CPU are slow or unsupported in the SD pipelines).
+    CUDA: float16 by default, bfloat16 when asked and supported. CPU: float32 by default; float16 and
+    bfloat16 are returned when asked for (they run on the CPU; `cpu_half_note` says what they cost).
 
     Args:
         device: where the model will run.
@@ -52,11 +55,11 @@ def pick_dtype(device: torch.device | str, prefer: torch.dtype | str | None = No
     Returns:
         A `torch.dtype`.
     Raises:
-        ValueError: the dtype is not supported on that device.
+        ValueError: `prefer` is not one of those dtypes, or bfloat16 on a GPU without it.
     """
     device = torch.device(device)
     if isinstance(prefer, str):
-        if not hasattr(torch, prefer) or not isinstance(getattr(torch, prefer), torch.dtype):
+        if not isinstance(getattr(torch, prefer, None), torch.dtype):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {prefer!r}")
         prefer = getattr(torch, prefer)
     if prefer is not None and prefer not in (torch.float32, torch.float16, torch.bfloat16):
@@ -67,10 +70,24 @@ def pick_dtype(device: torch.device | str, prefer: torch.dtype | str | None = No
         if prefer == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise ValueError("dtype=bfloat16 is not supported on this GPU; use float16")
         return prefer
-    if prefer is None or prefer == torch.float32:
-        return torch.float32
-    name = str(prefer).removeprefix("torch.")
-    raise ValueError(f"dtype={name} is not supported on CPU by the SD pipelines; use float32")
+    return torch.float32 if prefer is None else prefer
+
+
+def cpu_half_note(dtype: torch.dtype) -> str | None:
+    """What half precision on the CPU costs, in one sentence (None for float32).
+
+    It runs: PyTorch has CPU kernels for both. It saves no time that matters: for a TinySD image on a
+    2-core Xeon (torch 2.13), float16 took about 1.5 times float32's time and bfloat16 about the same
+    (benchmarks/cpu_half.md, scripts/bench_cpu_half.py); CPUs without native half-precision
+    instructions fall further behind. It also changes the pixels (0.005 at most for float16, 0.05
+    for bfloat16, in [0, 1] units).
+    """
+    if dtype == torch.float32:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"dtype={name} on the CPU runs, but it is rarely faster than float32 there (slower on CPUs "
+            f"without native {name} instructions) and it changes the pixels; float32 is the CPU default, "
+            f"{name} pays off on a GPU")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -97,8 +114,10 @@ def _offline_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(host: str, timeout: float) -> bool:
+_PROBES: dict[tuple[str, float], bool] = {}
+
+
+def _connect(host: str, timeout: float) -> bool:
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
@@ -106,12 +125,32 @@ def _probe(host: str, timeout: float) -> bool:
         return False
 
 
-def hub_available(timeout: float = 2.0) -> bool:
-    """True when huggingface.co answers on port 443 within `timeout` seconds.
+def _probe(host: str, timeout: float) -> bool:
+    """Whether `host` accepts a TCP connection on port 443, decided within `timeout` seconds in all.
 
-    False at once when HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1. The network probe is cached for
-    the life of the process.
+    socket's own timeout covers the connection only: name resolution (getaddrinfo) can block for as
+    long as the system resolver likes. So the attempt runs in a daemon thread and we wait for it at
+    most `timeout` seconds; a resolver still busy then counts as unreachable. Cached per process.
     """
+    key = (host, timeout)
+    if key not in _PROBES:
+        result: list[bool] = []
+        worker = threading.Thread(target=lambda: result.append(_connect(host, timeout)), daemon=True,
+                                  name=f"ldm-hub-probe-{host}")
+        worker.start()
+        worker.join(timeout)
+        _PROBES[key] = bool(result and result[0])
+    return _PROBES[key]
+
+
+def hub_available(timeout: float = 2.0) -> bool:
+    """True when huggingface.co answers on port 443 within `timeout` seconds, DNS included.
+
+    False at once when HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1. The whole check takes at most
+    `timeout` seconds (at most 5 allowed) and its result is cached for the life of the process.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 5:
+        raise ValueError(f"timeout must be a number of seconds in (0, 5], got {timeout!r}")
     if _offline_reason() is not None:
         return False
     return _probe("huggingface.co", float(timeout))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checks
+
 
 @dataclass
 class SampleOutput:
@@ -67,39 +69,53 @@ def set_timesteps(scheduler, num_inference_steps: int, device=None, sigmas: list
 
 
 @torch.no_grad()
-def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "", num_inference_steps: int = 25,
-           guidance_scale: float = 5.0, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-           height: int | None = None, width: int | None = None, keep_trajectory: bool = False,
-           eta: float = 0.0, sigmas: list[float] | None = None) -> SampleOutput:
+def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = "", num_inference_steps: int = 25,
+           guidance_scale: float = 5.0, generator: torch.Generator | list[torch.Generator] | None = None,
+           latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+           keep_trajectory: bool = False, eta: float = 0.0, sigmas: list[float] | None = None,
+           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> SampleOutput:
     """Text to image with classifier-free guidance, written out. Introduced in chapter 0.
 
     Args:
         pipe: a StableDiffusionPipeline (its tokenizer, text_encoder, unet, scheduler, vae are used).
         prompt / negative_prompt: a string or a list (one per image).
         guidance_scale: w in eps_uncond + w * (eps_text - eps_uncond); <= 1 switches guidance off.
-        generator: seeds the initial noise (CPU generator: identical on every device).
+        generator: seeds the initial noise (CPU generator: identical on every device); a list of one
+            generator per image seeds each image on its own, as diffusers' pipelines accept.
         latents: optional initial noise (B, C, h, w); overrides `generator` for the start.
         sigmas: flow-matching schedulers only: the `num_inference_steps` noise levels to visit, e.g.
             `flux_sigmas(n)` (FLUX's pipeline default; `sigmas_for` picks it for flow schedulers);
             None keeps the scheduler's own spacing.
+        guidance_rescale: phi of Lin et al. (arXiv:2305.08891, sec. 3.4), as diffusers' `rescale_noise_cfg`:
+            the guided prediction is rescaled to the text prediction's std, mixed in with weight phi.
+        guidance_interval: (low, high): guide only the steps whose timestep t has low <= t <= high
+            (Kynkaanniemi et al., arXiv:2404.07724); the other steps run the U-Net once, on the prompt
+            alone (w = 1). None guides every step.
+    Raises:
+        ValueError: a bad argument, named, with what was expected (the checks live in `checks.py`).
+    Warns:
+        UserWarning: a prompt longer than the tokenizer's window, with the number of tokens dropped.
     Returns:
         SampleOutput with images in [-1, 1], final latents, timesteps and (optionally) the trajectory.
     """
-    # 1. Check inputs
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)}, got {len(negatives)}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: PLC0415
+    from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
+
+    # 1. Check inputs (shared with the editing helpers: ldm_tutorial/checks.py)
+    prompts = checks.prompts(prompt)
+    negatives = checks.negative_prompts(negative_prompt, len(prompts))
+    num_inference_steps = checks.positive_int(num_inference_steps, "num_inference_steps")
+    guidance_scale = checks.finite_number(guidance_scale, "guidance_scale")
+    guidance_rescale = checks.finite_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+    guidance_interval = checks.interval(guidance_interval)
+    eta = checks.finite_number(eta, "eta", 0.0, 1.0)
+    generator = checks.generators(generator, len(prompts))
     vsf = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * vsf
-    width = width or pipe.unet.config.sample_size * vsf
-    for name, v in (("height", height), ("width", width)):
-        if v % vsf:
-            raise ValueError(f"{name} must be divisible by vae_scale_factor={vsf}, got {v}")
+    height, width = checks.image_size(height, width, vsf, pipe.unet.config.sample_size * vsf)
+    checks.warn_truncation(pipe.tokenizer, prompts)
+    if do_cfg := guidance_scale > 1.0:
+        checks.warn_truncation(pipe.tokenizer, negatives, "negative_prompt")
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    do_cfg = guidance_scale > 1.0
 
     # 2. Encode the prompt (and the negative prompt for guidance)
     prompt_embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompts, device)       # (B, 77, D)
@@ -113,9 +129,10 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
 
     # 4. Initial latents: Gaussian noise scaled by the scheduler's initial sigma
     shape = (len(prompts), pipe.unet.config.in_channels, height // vsf, width // vsf)     # (B, C, h, w)
-    if latents is None:
-        latents = torch.randn(shape, generator=generator, dtype=dtype, device="cpu" if generator is None
-                              else generator.device).to(device)
+    if latents is None:            # randn_tensor: what the pipelines call; a list seeds image by image
+        first = generator[0] if isinstance(generator, list) else generator
+        latents = randn_tensor(shape, generator=generator, dtype=dtype,
+                               device=torch.device("cpu") if first is None else first.device).to(device)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
     # (flow-matching schedulers start from unit noise and have no init_noise_sigma / scale_model_input)
@@ -131,13 +148,18 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] = "",
     # 5. Denoising loop
     trajectory = []
     for t in scheduler.timesteps:
-        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents              # (2B, C, h, w)
+        guide = do_cfg and (guidance_interval is None
+                            or guidance_interval[0] <= float(t) <= guidance_interval[1])
+        latent_model_input = torch.cat([latents] * 2) if guide else latents               # (2B, C, h, w)
         if hasattr(scheduler, "scale_model_input"):
             latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-        noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds).sample
-        if do_cfg:
+        embeds = prompt_embeds if guide or not do_cfg else prompt_embeds.chunk(2)[1]      # the prompt half
+        noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=embeds).sample
+        if guide:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+            if guidance_rescale > 0.0:
+                noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
         if keep_trajectory:
             trajectory.append(latents.detach().cpu())
