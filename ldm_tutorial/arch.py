@@ -82,6 +82,21 @@ FLUX1_SCHNELL_TRANSFORMER = dict(
 )
 FLUX1_DEV_TRANSFORMER = {**FLUX1_SCHNELL_TRANSFORMER, "guidance_embeds": True}
 
+# --- A pixel-space U-Net for comparison (chapter 0): ADM, the 256x256 class-conditional model of
+# Dhariwal & Nichol 2021 (arXiv:2105.05233; guided-diffusion README flags: num_channels 256,
+# channel_mult 1,1,2,2,4,4, num_res_blocks 2, attention at 32,16,8, num_head_channels 64,
+# resblock_updown, use_scale_shift_norm, learn_sigma -> 6 output channels, 1000 classes).
+# An approximation built from diffusers blocks (UNet2DModel), not a port of guided-diffusion's code:
+# ResNet blocks that up/downsample (resblock_updown), scale-shift time conditioning, 64-dim heads.
+ADM_256_UNET = dict(
+    sample_size=256, in_channels=3, out_channels=6, layers_per_block=2,
+    block_out_channels=[256, 256, 512, 512, 1024, 1024],                 # 256 x channel_mult
+    down_block_types=["ResnetDownsampleBlock2D"] * 3 + ["AttnDownBlock2D"] * 3,   # attention at 32, 16, 8
+    up_block_types=["AttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"] * 3,
+    downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift",
+    attention_head_dim=64, norm_num_groups=32, num_class_embeds=1000, add_attention=True,
+)
+
 
 @dataclass(frozen=True)
 class ArchConfig:
@@ -114,6 +129,8 @@ CONFIGS: dict[str, ArchConfig] = {c.name: c for c in [
     ArchConfig("sd3-medium-transformer", "diffusers.SD3Transformer2DModel", SD3_MEDIUM_TRANSFORMER),
     ArchConfig("flux1-schnell-transformer", "diffusers.FluxTransformer2DModel", FLUX1_SCHNELL_TRANSFORMER),
     ArchConfig("flux1-dev-transformer", "diffusers.FluxTransformer2DModel", FLUX1_DEV_TRANSFORMER),
+    ArchConfig("adm-256-unet", "diffusers.UNet2DModel", ADM_256_UNET,
+               "ADM 256x256 (pixel space), approximated with diffusers blocks"),
 ]}
 
 
@@ -151,6 +168,28 @@ def count_parameters(module: nn.Module) -> int:
     """Number of parameters of `module`, counting a parameter shared by several submodules once."""
     unique = {id(p): p for p in module.parameters()}  # parameters() already skips repeats; be explicit
     return sum(p.numel() for p in unique.values())
+
+
+def forward_flops(module: nn.Module, *args, **kwargs) -> int:
+    """Floating-point operations of one forward pass, counted by `torch.utils.flop_counter`.
+
+    Works on the meta device: shapes are enough to count, so no value is computed and no memory
+    is used. A multiply-add counts as 2 operations (PyTorch's convention); convolutions, matrix
+    products and attention are counted, elementwise operations and normalizations are not.
+
+    Args:
+        module: the network (e.g. `build_on_meta("sd15-unet")`).
+        *args, **kwargs: the inputs of `module(...)`, on the module's device.
+    Returns:
+        The total count, an int (divide by 1e9 for GFLOPs).
+    """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    return int(counter.get_total_flops())
 
 
 @dataclass(frozen=True)
