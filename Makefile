@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 CHAPTERS := $(shell find book -name '*.md' -path 'book/*/*' | sort)
 NB_TIMEOUT := 300
 
-.PHONY: venv test unit notebooks book sync bench clean
+.PHONY: venv test unit notebooks book sync bench mutation clean
 
 venv: $(VENV)/.stamp
 
@@ -45,5 +45,11 @@ sync: venv
 bench: venv
 	$(PY) scripts/bench_notebooks.py
 
+# Mutation testing of the core modules (mutmut, configured in pyproject.toml); slow, not part of CI.
+mutation: venv
+	$(PIP) install -q "mutmut==3.8.1"
+	start=$$(date +%s); OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run; \
+	$(PY) scripts/mutation_report.py --seconds $$(( $$(date +%s) - start ))
+
 clean:
-	rm -rf _build .pytest_cache
+	rm -rf _build .pytest_cache mutants
