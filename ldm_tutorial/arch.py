@@ -82,6 +82,14 @@ FLUX1_SCHNELL_TRANSFORMER = dict(
 )
 FLUX1_DEV_TRANSFORMER = {**FLUX1_SCHNELL_TRANSFORMER, "guidance_embeds": True}
 
+# --- SD 1.5's scheduler config (stable-diffusion-v1-5 `scheduler/scheduler_config.json`): a PNDM
+# scheduler (PLMS steps only), not DDIM. Chapter 5 shows what a DDIM built from it inherits.
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    trained_betas=None, clip_sample=False,
+)
+
 # --- A pixel-space U-Net for comparison (chapter 0): ADM, the 256x256 class-conditional model of
 # Dhariwal & Nichol 2021 (arXiv:2105.05233; guided-diffusion README flags: num_channels 256,
 # channel_mult 1,1,2,2,4,4, num_res_blocks 2, attention at 32,16,8, num_head_channels 64,

@@ -184,3 +184,17 @@ def test_sdxl_pipelines_offline_falls_back_to_tiny_and_real_fails_fast(monkeypat
         ldm.sdxl_pipelines("real")
     with pytest.raises(ValueError, match="source must be"):
         ldm.sdxl_pipelines("sdxl")
+
+
+def test_sd15_scheduler_is_pndm_and_ddim_from_it_inherits_leading_spacing():
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    cfg = ldm.arch.SD15_SCHEDULER
+    assert cfg["_class_name"] == "PNDMScheduler"
+    pndm = PNDMScheduler.from_config(cfg)
+    assert pndm.config.skip_prk_steps and pndm.config.steps_offset == 1
+    ddim, unused = DDIMScheduler.from_config(cfg, return_unused_kwargs=True)
+    assert "skip_prk_steps" in unused                                # PNDM-only: DDIM drops it
+    assert ddim.config.timestep_spacing == "leading" and not ddim.config.set_alpha_to_one
+    ddim.set_timesteps(2)
+    assert ddim.timesteps.tolist() == [501, 1]                       # leading: never starts at 999
