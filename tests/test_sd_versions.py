@@ -198,3 +198,14 @@ def test_sd15_scheduler_is_pndm_and_ddim_from_it_inherits_leading_spacing():
     assert ddim.config.timestep_spacing == "leading" and not ddim.config.set_alpha_to_one
     ddim.set_timesteps(2)
     assert ddim.timesteps.tolist() == [501, 1]                       # leading: never starts at 999
+
+
+def test_sdxl_negative_prompt_none_gives_zeros_but_empty_string_is_encoded():
+    """Chapter 5, section 2: zeros only for negative_prompt=None with force_zeros_for_empty_prompt."""
+    base, _, source = ldm.sdxl_pipelines("tiny", seed=0)
+    assert source == "tiny" and base.config.force_zeros_for_empty_prompt
+    kwargs = dict(device=base.device, do_classifier_free_guidance=True)
+    none = base.encode_prompt("a red circle", negative_prompt=None, **kwargs)
+    empty = base.encode_prompt("a red circle", negative_prompt="", **kwargs)
+    assert none[1].abs().max() == 0 and none[3].abs().max() == 0
+    assert empty[1].abs().max() > 0.1 and empty[3].abs().max() > 0.1
