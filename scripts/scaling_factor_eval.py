@@ -84,7 +84,10 @@ def scores(images: torch.Tensor, scenes: list) -> dict:
     parsed = [parser.parse_scene(im) for im in images]
     full = [evaluate.fully_correct(p, s.objects) for p, s in zip(parsed, scenes)]
     present = [np.mean(parser.objects_present(p, s.objects)) for p, s in zip(parsed, scenes)]
-    return {"fully_correct": full, "objects_present": present}
+    # the softest reading: a parsed object of the requested colour at the requested place, any shape
+    colour_place = [np.mean([(o.colour, o.position) in {(q.colour, q.position) for q in p} for o in s.objects])
+                    for p, s in zip(parsed, scenes)]
+    return {"fully_correct": full, "objects_present": present, "colour_at_place": colour_place}
 
 
 def summarise(per_count: dict, images_by_count: dict) -> dict:
@@ -92,6 +95,7 @@ def summarise(per_count: dict, images_by_count: dict) -> dict:
     for k, sc in per_count.items():
         out[f"{k}_object"] = {"fully_correct": float(np.mean(sc["fully_correct"])),
                               "objects_present": float(np.mean(sc["objects_present"])),
+                              "colour_at_place": float(np.mean(sc["colour_at_place"])),
                               "n": len(sc["fully_correct"]), **pixel_stats(images_by_count[k])}
     return out
 
@@ -207,12 +211,15 @@ def markdown(res: dict) -> str:
         lines.append("")
     def rows(section: dict, names: dict) -> list[str]:
         counts = [k for k in next(iter(section[n] for n in names)).keys() if k.endswith("_object")]
-        head = "| set-up | " + " | ".join(f"{c.replace('_', ' ')}: fully correct / objects present" for c in counts) \
+        soft = all("colour_at_place" in section[n][c] for n in names for c in counts)
+        what = "fully correct / objects present" + (" / colour at its place" if soft else "")
+        head = "| set-up | " + " | ".join(f"{c.replace('_', ' ')}: {what}" for c in counts) \
                + " | pixel mean / std / clipped (1 object) |"
         out = [head, "|---" * (len(counts) + 2) + "|"]
         for n, title in names.items():
             r = section[n]
-            cells = [f"{r[c]['fully_correct']:.1%} / {r[c]['objects_present']:.1%} (n={r[c]['n']})" for c in counts]
+            cells = [f"{r[c]['fully_correct']:.1%} / {r[c]['objects_present']:.1%}"
+                     + (f" / {r[c]['colour_at_place']:.1%}" if soft else "") + f" (n={r[c]['n']})" for c in counts]
             p = r[counts[0]]
             out.append(f"| {title} | " + " | ".join(cells) + f" | {p['mean']:+.3f} / {p['std']:.3f} / {p['clipped']:.1%} |")
         return out
@@ -239,10 +246,14 @@ def markdown(res: dict) -> str:
             t = c[n]["training"]
             lines.append(f"| {n} | {t['steps']} | {t['seconds']:.0f} | {t['final_loss']:.4f} | "
                          + " / ".join(f"{v:.2f}" for v in c[n]["latent_std"].values()) + " |")
+        t = c["scaled"]["training"]
         lines += ["", "Both trained with `python -m ldm_tutorial.tinysd.train unet --unet-preset small "
-                  "--latent-scale {config,none}` for the same seconds on one CPU thread of a shared 2-core "
-                  "machine (the step counts differ with the machine's load); their logs, loss every 10 steps "
-                  "included, are in `ldm_tutorial/tinysd/weights/tinysd-scaling/*/log.json`.", ""]
+                  f"--latent-scale {{config,none}} --steps {t['steps']} --batch {t['batch']} --lr {t['lr']:g} "
+                  f"--warmup {t['warmup']} --n-scenes {t['n_scenes']}`, one after the other, on one CPU thread "
+                  "of a 2-core machine shared with other jobs: the same steps, batches, noise and initial "
+                  "weights (a step budget rather than a time budget, because the machine's load changed the "
+                  "seconds per step by a factor of two or more during the day). Their logs, the loss every "
+                  "10 steps included, are in `ldm_tutorial/tinysd/weights/tinysd-scaling/*/log.json`.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -265,16 +276,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=OUT_JSON)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    res = json.loads(a.out.read_text()) if a.out.exists() else {}       # parts not re-run are kept
-    res.update(machine=cpu_name() + f", {a.threads} thread", date=datetime.date.today().isoformat())
+    new = {}
     t0 = time.time()
     if "factor" in a.parts:
-        res["factor"] = factor_part(load_vae(), a.n_heldout, a.first_batch)
+        new["factor"] = factor_part(load_vae(), a.n_heldout, a.first_batch)
     if "mistakes" in a.parts:
-        res["mistakes"] = mistakes_part(a.n_per_count, tuple(a.counts), a.steps, a.guidance_scale, a.strength,
+        new["mistakes"] = mistakes_part(a.n_per_count, tuple(a.counts), a.steps, a.guidance_scale, a.strength,
                                         a.batch)
     if "comparison" in a.parts:
-        res["comparison"] = comparison_part(a.n_per_count, tuple(a.counts), a.steps, a.guidance_scale, a.batch)
+        new["comparison"] = comparison_part(a.n_per_count, tuple(a.counts), a.steps, a.guidance_scale, a.batch)
+    # read at the end: parts not re-run (or written meanwhile by another run of this script) are kept
+    res = json.loads(a.out.read_text()) if a.out.exists() else {}
+    res.update(new, machine=cpu_name() + f", {a.threads} thread", date=datetime.date.today().isoformat())
     res.setdefault("seconds", {}).update({"+".join(a.parts): time.time() - t0})
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     if a.out == OUT_JSON:

@@ -530,3 +530,20 @@ def test_scaling_options_refuse_what_they_cannot_do(tmp_path):
         tinysd.load_scaling_unet("half")
     with pytest.raises(FileNotFoundError, match="--latent-scale none"):
         tinysd.load_scaling_unet("unscaled", weights_dir=tmp_path)
+
+
+def test_shipped_scaling_comparison_decodes_each_unet_as_it_was_trained():
+    from ldm_tutorial.models import load_pipeline
+
+    folder = tinysd.WEIGHTS_DIR / "tinysd-scaling"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 5 * 2**20                                   # the pair fits the weights budget
+    logs = {v: json.loads((folder / v / "log.json").read_text()) for v in tinysd.SCALING_VARIANTS}
+    assert logs["scaled"]["steps"] == logs["unscaled"]["steps"] and len(logs["scaled"]["losses"]) > 10
+    assert logs["unscaled"]["first_batch_z0_std"] > 2 * logs["scaled"]["first_batch_z0_std"]
+    pipe = load_pipeline("tiny", verbose=False)
+    pipes = tinysd.scaling_comparison(pipe)
+    assert pipes["scaled"].vae is pipe.vae                    # decoded with TinySD's own 0.3788
+    assert pipes["unscaled"].vae.config.scaling_factor == 1.0   # raw latents: decoded as trained
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.3788, abs=1e-4)   # the shared VAE untouched
+    assert pipes["unscaled"].text_encoder is pipe.text_encoder
