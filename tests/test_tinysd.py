@@ -199,19 +199,6 @@ def test_everything_loads_offline(offline):
         tinysd.pipeline_dir("video")
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path):
-    from ldm_tutorial.tinysd import train
-
-    out = tmp_path / "w"
-    shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd" / "vae", out / "tinysd" / "vae")
-    args = ["taesd", "--n-scenes", "16", "--batch", "2", "--out", str(out), "--ckpt-dir", str(tmp_path / "ck")]
-    train.main(args + ["--steps", "2"])
-    train.main(args + ["--steps", "3"])                  # resumes at step 2, does one more
-    assert torch.load(tmp_path / "ck" / "taesd.pt", weights_only=False)["step"] == 3
-    log = json.loads((out / "training_log.json").read_text())
-    assert log["taesd"]["steps"] == 3
-
-
 def test_taesd_target_pool_holds_the_vaes_latents_and_decodes(tmp_path, vae):
     from ldm_tutorial.tinysd import data, train
 
@@ -277,22 +264,39 @@ def test_caption_bank_is_deterministic_and_names_every_object():
         data.caption_bank(scenes, tok, k=0)
 
 
-def test_unet_stage_trains_from_the_caption_bank(tmp_path):
-    from ldm_tutorial.tinysd import train
+def test_unet_stage_trains_from_the_caption_bank(tmp_path, monkeypatch):
+    from ldm_tutorial.tinysd import data, train
 
+    seen = []                                              # every id row the frozen text encoder encodes
+    real_loader = train.load_text_encoder
+
+    def recording_loader(*args, **kwargs):
+        te, tok = real_loader(*args, **kwargs)
+        te.register_forward_pre_hook(lambda module, inputs: seen.extend(inputs[0].tolist()))
+        return te, tok
+
+    monkeypatch.setattr(train, "load_text_encoder", recording_loader)
     out = tmp_path / "w"
     for sub in ("tinysd", "tinyclip"):
         shutil.copytree(tinysd.WEIGHTS_DIR / sub, out / sub)
     shutil.rmtree(out / "tinysd" / "unet")
-    train.main(["unet", "--cosine", "--n-scenes", "16", "--batch", "4", "--steps", "2", "--out", str(out),
+    train.main(["unet", "--cosine", "--n-scenes", "16", "--batch", "8", "--steps", "3", "--out", str(out),
                 "--ckpt-dir", str(tmp_path / "ck")])
     log = json.loads((out / "training_log.json").read_text())
-    assert log["unet"]["steps"] == 2 and log["unet"]["lr_schedule"] == "cosine"
+    assert log["unet"]["steps"] == 3 and log["unet"]["lr_schedule"] == "cosine"
     # a fresh U-Net trains against the current CLIP text tower, exported into the pipeline folder first
-    te = tinysd.load_text_encoder(weights_dir=out)[0]
+    te, tok = tinysd.load_text_encoder(weights_dir=out)
     clip = tinysd.load_clip(weights_dir=out)[0]
     torch.testing.assert_close(te.get_input_embeddings().weight, clip.text_model.get_input_embeddings().weight)
-    assert (out / "tinysd" / "unet" / "config.json").exists()
+    # what it was conditioned on: rows of the training scenes' caption bank, or the empty prompt (dropout),
+    # rebuilt here independently from the same scenes and seed
+    _, scenes = data.render_dataset(16, seed=0, workers=1)
+    bank = data.caption_bank(scenes, tok, k=8, seed=31, workers=1)
+    rows = {tuple(r) for r in bank.view(-1, bank.shape[-1]).tolist()}
+    empty = tuple(tok([""], padding="max_length", max_length=77).input_ids[0])
+    assert len(seen) == 3 * 8
+    assert all(tuple(r) in rows or tuple(r) == empty for r in seen)
+    assert len({tuple(r) for r in seen if tuple(r) != empty}) >= 10          # many captions, not one
 
 
 # ----------------------------------------------------------------------------- rectified flow

@@ -106,17 +106,30 @@ class Budget:
 
 
 def save_ckpt(ctx: Ctx, stage: str, state: dict) -> None:
+    """Write `state` (model, optimiser, step, numpy rng, ...) plus torch's global RNG state, atomically.
+
+    The torch RNG draws each step's noise and timesteps; saving it makes a resumed run continue the
+    very sequence of draws a straight run makes (N + M steps resumed == N + M steps in one go)."""
     ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ctx.ckpt_dir / f"{stage}.pt.tmp"
-    torch.save(state, tmp)
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({**state, **rng}, tmp)
     os.replace(tmp, ctx.ckpt_dir / f"{stage}.pt")
 
 
 def load_ckpt(ctx: Ctx, stage: str) -> dict | None:
+    """The stage's checkpoint, or None; restores torch's global RNG to where the checkpoint left it."""
     p = ctx.ckpt_dir / f"{stage}.pt"
     if p.exists():
         print(f"[{stage}] resuming from {p}", flush=True)
-        return torch.load(p, map_location="cpu", weights_only=False)
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        if "torch_rng" in ck:
+            torch.set_rng_state(ck["torch_rng"])
+        if "cuda_rng" in ck and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        return ck
     return None
 
 
