@@ -181,10 +181,17 @@ def comparison_part(n_per_count: int, counts: tuple, steps: int, guidance: float
             x = decode(p.vae, lat, p.vae.config.scaling_factor)
             imgs[k], res[k] = x, scores(x, scenes)
             lat_std[k] = float(lat.std())
-        log = json.loads((tinysd.WEIGHTS_DIR / "tinysd-scaling" / name / "log.json").read_text())
-        out[name] = {**summarise(res, imgs), "latent_std": lat_std,
-                     "training": {k: v for k, v in log.items() if k != "losses"}}
+        out[name] = {**summarise(res, imgs), "latent_std": lat_std, "training": training_record(name)}
     return out
+
+
+def training_record(name: str) -> dict:
+    """A comparison run's log.json (without its loss curve) with the training log's batch and lr."""
+    from ldm_tutorial import tinysd
+
+    log = json.loads((tinysd.WEIGHTS_DIR / "tinysd-scaling" / name / "log.json").read_text())
+    stage = json.loads((tinysd.WEIGHTS_DIR / "training_log.json").read_text())[f"unet-scaling-{name}"]
+    return {**{k: v for k, v in log.items() if k != "losses"}, "batch": stage["batch"], "lr": stage["lr"]}
 
 
 def markdown(res: dict) -> str:
@@ -246,7 +253,7 @@ def markdown(res: dict) -> str:
             t = c[n]["training"]
             lines.append(f"| {n} | {t['steps']} | {t['seconds']:.0f} | {t['final_loss']:.4f} | "
                          + " / ".join(f"{v:.2f}" for v in c[n]["latent_std"].values()) + " |")
-        t = c["scaled"]["training"]
+        t = {**training_record("scaled"), **c["scaled"]["training"]}
         lines += ["", "Both trained with `python -m ldm_tutorial.tinysd.train unet --unet-preset small "
                   f"--latent-scale {{config,none}} --steps {t['steps']} --batch {t['batch']} --lr {t['lr']:g} "
                   f"--warmup {t['warmup']} --n-scenes {t['n_scenes']}`, one after the other, on one CPU thread "
