@@ -97,7 +97,8 @@ def guided_sample(pipe, prompt: str | list[str], negative_prompt: str | list[str
     Args:
         pipe: a StableDiffusionPipeline with a DDPM-family scheduler (TinySD, SD 1.5).
         guidance_scale: any real w, applied as written: w = 0 is the unconditional model, w = 1 the
-            conditional one (ldm.sample and diffusers instead switch guidance off for w <= 1).
+            conditional one (ldm.sample and diffusers instead switch guidance off for w <= 1); or a
+            (B, 1, 1, 1) tensor, one w per image (one batch for a grid over scales).
         batch_order: "negative_first" stacks [negative, prompt] (diffusers); "prompt_first" stacks
             [prompt, negative] and reads the second chunk as the unconditional one.
         swap_chunks: the bug: read the chunks the wrong way round for the batch order.
@@ -137,7 +138,9 @@ def guided_sample(pipe, prompt: str | list[str], negative_prompt: str | list[str
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = latents.to(device, dtype) * scheduler.init_noise_sigma
     # w = 1 needs only the conditional branch, w = 0 only the unconditional one
-    only = {1.0: "text", 0.0: "uncond"}.get(float(guidance_scale)) if guidance_interval is None else None
+    only = None
+    if guidance_interval is None and isinstance(guidance_scale, (int, float)):
+        only = {1.0: "text", 0.0: "uncond"}.get(float(guidance_scale))
 
     for t in scheduler.timesteps:
         guided = guidance_interval is None or guidance_interval[0] <= int(t) <= guidance_interval[1]
@@ -162,6 +165,36 @@ def guided_sample(pipe, prompt: str | list[str], negative_prompt: str | list[str
     assert raw.shape[-1] == size * vsf
     return GuidedOutput(images=raw.clamp(-1, 1), raw=raw, latents=latents,
                         timesteps=[int(t) for t in scheduler.timesteps])
+
+
+def slider_html(images: torch.Tensor, labels: list[str], size: float = 3.0) -> str:
+    """A kernel-free slider over precomputed frames: matplotlib's JavaScript animation player.
+
+    images (F, 3, H, W) in [-1, 1], one label per frame. The HTML embeds every frame, so the static
+    book (no kernel) still lets the reader move through them.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"labels must name each of the {len(images)} frames, got {len(labels)}")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib import animation  # noqa: PLC0415
+
+    from .plotting import to_uint8_images  # noqa: PLC0415
+
+    frames = to_uint8_images(images.clamp(-1, 1))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.axis("off")
+    shown = ax.imshow(frames[0])
+    title = ax.set_title(labels[0])
+
+    def draw(i):
+        shown.set_data(frames[i])
+        title.set_text(labels[i])
+        return shown, title
+
+    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=600)
+    html = anim.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return html
 
 
 def timestep_for_sigma(scheduler, sigma: float) -> int:
@@ -242,12 +275,13 @@ def sweep_scenes(n_per_count: int = 32, counts: tuple[int, ...] = (1, 2), seed: 
 
 @torch.no_grad()
 def measure(pipe, scenes: list, noise: torch.Tensor, batch: int = 64, progress: str | None = None,
-            negative_prompt: str | list[str] = "", **guidance) -> dict:
+            negative_prompt: str | list[str] = "", keep_images: bool = False, **guidance) -> dict:
     """One guidance setting over every (seed, prompt): adherence, diversity, saturation, background.
 
     noise: (S, P, C, h, w) from `start_noise`; guidance: keyword arguments of `guided_sample`.
     Returns means (and n) of: fully_correct, saturation, out_of_range, background_std, and the
     diversity between the S seeds of one prompt (RMS, pixels in [-1, 1] and scaled latents).
+    keep_images adds "images": the (S, P, 3, H, W) clamped images (not JSON: for live use).
     """
     from .tinysd import shapes  # noqa: PLC0415
 
@@ -276,6 +310,8 @@ def measure(pipe, scenes: list, noise: torch.Tensor, batch: int = 64, progress: 
         row["diversity_pixels"] = float(np.mean([pairwise_rms(images[:, p]) for p in range(P)]))
         row["diversity_latents"] = float(np.mean([pairwise_rms(lat[:, p]) for p in range(P)]))
     row.update(n_images=S * P, n_prompts=P, n_seeds=S, seconds=seconds)
+    if keep_images:
+        row["images"] = images
     return row
 
 
