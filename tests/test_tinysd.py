@@ -516,7 +516,8 @@ def test_latent_scale_none_trains_on_raw_latents_and_exports_beside_the_pipeline
     assert decode_sf == 1.0 and tinysd.load_scaling_unet("scaled", weights_dir=out)[1] == sf
     assert unet.config.block_out_channels == list(configs.UNET_PRESETS["small"]["block_out_channels"])
     assert sum(p.numel() for p in unet.parameters()) < 1.2e6   # two ship in under 5 MiB (float16)
-    assert json.loads((out / "tinysd-scaling" / "unscaled" / "log.json").read_text())["decode_scaling_factor"] == 1.0
+    beside = json.loads((out / "tinysd-scaling" / "unscaled" / "log.json").read_text())
+    assert beside["decode_scaling_factor"] == 1.0 and beside["batch"] == 8 and len(beside["losses"]) == 0
 
 
 def test_scaling_options_refuse_what_they_cannot_do(tmp_path):

@@ -636,6 +636,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             "steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None, "seconds": elapsed,
             "objective": objective, "latent_scale": latent_scale, "unet_preset": unet_preset,
             "scaling_factor_trained_with": sf, "first_batch_z0_std": z0_std, "warmup": warmup,
+            "batch": batch, "lr": lr,
             "n_scenes": ctx.n_scenes, "parameters": sum(p.numel() for p in ema.shadow.parameters()),
             **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {})}, losses)
     _save_fp16(ema.shadow, ctx.out / {"unet": "tinysd", "inpaint": "tinysd-inpaint", "flow": "tinysd-flow"}[name] / "unet")
