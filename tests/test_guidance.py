@@ -40,6 +40,16 @@ def test_rescale_matches_the_pipeline(pipe, noise):
     assert (plain.latents - ours.latents).abs().max() > 1e-2        # the rescale did something
 
 
+def test_rescale_and_interval_match_ldm_sample(pipe, noise):
+    kw = dict(num_inference_steps=6, latents=noise, guidance_scale=9.0)
+    for extra in ({"guidance_rescale": 0.7}, {"guidance_interval": (300, 700)}):
+        ours = G.guided_sample(pipe, PROMPTS, **kw, **extra)
+        ref = ldm.sample(pipe, PROMPTS, **kw, **extra)
+        torch.testing.assert_close(ours.latents, ref.latents, atol=1e-5, rtol=1e-4)
+    full = G.guided_sample(pipe, PROMPTS, **kw)
+    assert (full.latents - ours.latents).abs().max() > 1e-2       # the interval did something
+
+
 def test_batch_order_is_the_same_algorithm_and_the_swap_is_w_one_minus_w(pipe, noise):
     kw = dict(num_inference_steps=6, latents=noise)
     usual = G.guided_sample(pipe, PROMPTS, guidance_scale=6.0, **kw)
