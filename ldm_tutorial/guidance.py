@@ -401,14 +401,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_sweep(path: str | Path | None = None) -> dict:
-    """The committed sweep (`benchmarks/guidance.json`), found from the package or the working directory."""
+SWEEP_URL = "https://raw.githubusercontent.com/ldm-tutorial/ldm-tutorial/main/benchmarks/guidance.json"
+
+
+def load_sweep(path: str | Path | None = None, url: str | None = SWEEP_URL) -> dict:
+    """The committed sweep (`benchmarks/guidance.json`).
+
+    Looked up in the repository that holds the package (an editable install, CI), then the working
+    directory and the repository root seen from a chapter folder; failing those (a wheel on Colab),
+    fetched from `url` (None: never fetch).
+    """
     candidates = [Path(path)] if path else [Path(__file__).resolve().parents[1] / "benchmarks" / "guidance.json",
                                               Path("benchmarks/guidance.json"), Path("../../benchmarks/guidance.json")]
     for p in candidates:
         if p.exists():
             return json.loads(p.read_text())
-    raise FileNotFoundError(f"no guidance sweep at {[str(c) for c in candidates]}; run python -m ldm_tutorial.guidance --sweep")
+    if url and not path:
+        import urllib.request  # noqa: PLC0415
+
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.loads(r.read().decode())
+        except OSError as err:
+            raise FileNotFoundError(f"no guidance sweep at {[str(c) for c in candidates]} and {url} failed"
+                                    f" ({err}); run python -m ldm_tutorial.guidance --sweep") from err
+    raise FileNotFoundError(f"no guidance sweep at {[str(c) for c in candidates]};"
+                            " run python -m ldm_tutorial.guidance --sweep")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -150,3 +150,11 @@ def test_measure_scores_rendered_truth_and_counts(pipe):
     assert 0 < row["diversity_pixels"] < 2 and row["diversity_latents"] > 0
     with pytest.raises(ValueError, match="noise"):
         G.measure(pipe, scenes, nz[:, :3], guidance_scale=5.0)
+
+
+def test_load_sweep_reads_the_committed_table_and_names_a_missing_one(tmp_path):
+    bench = G.load_sweep()
+    assert set(bench["scales"]) == {str(w) for w in G.SWEEP_SCALES}
+    assert bench["n_prompts"] * bench["seeds"] == bench["scales"]["5.0"]["n_images"] >= 128
+    with pytest.raises(FileNotFoundError, match="--sweep"):
+        G.load_sweep(tmp_path / "missing.json")
