@@ -158,3 +158,14 @@ def test_load_sweep_reads_the_committed_table_and_names_a_missing_one(tmp_path):
     assert bench["n_prompts"] * bench["seeds"] == bench["scales"]["5.0"]["n_images"] >= 128
     with pytest.raises(FileNotFoundError, match="--sweep"):
         G.load_sweep(tmp_path / "missing.json")
+
+
+def test_one_scale_per_image_matches_one_run_per_scale(pipe, noise):
+    w = torch.tensor([2.0, 8.0]).view(-1, 1, 1, 1)
+    both = G.guided_sample(pipe, [PROMPTS[0]] * 2, guidance_scale=w, num_inference_steps=5,
+                           latents=noise[:1].expand(2, -1, -1, -1).clone())
+    for i, wi in enumerate((2.0, 8.0)):
+        one = G.guided_sample(pipe, PROMPTS[0], guidance_scale=wi, num_inference_steps=5, latents=noise[:1])
+        torch.testing.assert_close(both.latents[i:i + 1], one.latents, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="labels"):
+        G.slider_html(both.images, ["only one"])
