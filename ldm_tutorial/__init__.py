@@ -4,7 +4,7 @@ Chapters use it through one namespace: `import ldm_tutorial as ldm`. Importing i
 are built only when a function is called. The `tinysd` subpackage is imported lazily by
 `load_pipeline("tiny")`.
 """
-from . import metrics, schedules, vae_lab
+from . import metrics, results, schedules, vae_lab
 from . import guidance
 from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_bytes, attention_sites, attention_table,
                    build_on_meta, count_parameters, family_table, record_attention, sdxl_pipelines,
@@ -24,7 +24,7 @@ __all__ = [
     "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
     "check_latent_health", "LatentHealth",
     "guidance",
-    "describe_runtime", "family_table", "metrics", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
+    "describe_runtime", "family_table", "metrics", "results", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
     "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "sigmas_for", "SampleOutput", "schedules",
     "sdxl_pipelines", "seed_everything",
     "show_images", "tiny_sd3_transformer", "tiny_sdxl_components", "tiny_sdxl_pipelines",

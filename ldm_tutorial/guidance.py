@@ -109,24 +109,29 @@ def guided_sample(pipe, prompt: str | list[str], negative_prompt: str | list[str
     Returns:
         GuidedOutput with clamped images, the unclamped decoder output, final latents, timesteps.
     """
-    if batch_order not in BATCH_ORDERS:
-        raise ValueError(f"batch_order must be one of {BATCH_ORDERS}, got {batch_order!r}")
-    if guidance_interval is not None:
-        lo, hi = guidance_interval
-        if not 0 <= lo <= hi:
-            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi, got {guidance_interval}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    from . import checks  # noqa: PLC0415 - the argument checks ldm.sample uses
     from .sampling import encode_prompt  # noqa: PLC0415
 
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = _as_list(negative_prompt, len(prompts), "negative_prompt")
+    if batch_order not in BATCH_ORDERS:
+        raise ValueError(f"batch_order must be one of {BATCH_ORDERS}, got {batch_order!r}")
+    prompts = checks.prompts(prompt)
+    negatives = checks.negative_prompts(negative_prompt, len(prompts))
+    num_inference_steps = checks.positive_int(num_inference_steps, "num_inference_steps")
+    if not isinstance(guidance_scale, torch.Tensor):
+        guidance_scale = checks.finite_number(guidance_scale, "guidance_scale")
+    elif not torch.isfinite(guidance_scale).all():
+        raise ValueError(f"guidance_scale must hold finite numbers, got {guidance_scale.flatten().tolist()}")
+    guidance_rescale = checks.finite_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+    guidance_interval = checks.interval(guidance_interval)
+    generator = checks.generators(generator, len(prompts))
     device, dtype = pipe.unet.device, pipe.unet.dtype
     vsf = pipe.vae_scale_factor
     size = pipe.unet.config.sample_size
     shape = (len(prompts), pipe.unet.config.in_channels, size, size)               # (B, C, h, w)
-    if latents is None:
-        latents = torch.randn(shape, generator=generator, dtype=dtype)
+    if latents is None:            # as ldm.sample: a list of generators seeds image by image
+        from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
+
+        latents = randn_tensor(shape, generator=generator, dtype=dtype, device=torch.device("cpu"))
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
@@ -401,32 +406,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SWEEP_URL = "https://raw.githubusercontent.com/ldm-tutorial/ldm-tutorial/main/benchmarks/guidance.json"
+def load_sweep(path: str | Path | None = None) -> dict:
+    """The committed sweep: `ldm.results.load("guidance")`, or the JSON file at `path`."""
+    from . import results  # noqa: PLC0415
 
-
-def load_sweep(path: str | Path | None = None, url: str | None = SWEEP_URL) -> dict:
-    """The committed sweep (`benchmarks/guidance.json`).
-
-    Looked up in the repository that holds the package (an editable install, CI), then the working
-    directory and the repository root seen from a chapter folder; failing those (a wheel on Colab),
-    fetched from `url` (None: never fetch).
-    """
-    candidates = [Path(path)] if path else [Path(__file__).resolve().parents[1] / "benchmarks" / "guidance.json",
-                                              Path("benchmarks/guidance.json"), Path("../../benchmarks/guidance.json")]
-    for p in candidates:
-        if p.exists():
-            return json.loads(p.read_text())
-    if url and not path:
-        import urllib.request  # noqa: PLC0415
-
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                return json.loads(r.read().decode())
-        except OSError as err:
-            raise FileNotFoundError(f"no guidance sweep at {[str(c) for c in candidates]} and {url} failed"
-                                    f" ({err}); run python -m ldm_tutorial.guidance --sweep") from err
-    raise FileNotFoundError(f"no guidance sweep at {[str(c) for c in candidates]};"
-                            " run python -m ldm_tutorial.guidance --sweep")
+    if path is None:
+        return results.load("guidance")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no guidance sweep at {path}; run python -m ldm_tutorial.guidance --sweep")
+    return json.loads(Path(path).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scales", type=str, default=",".join(map(str, SWEEP_SCALES)))
     ap.add_argument("--no-extras", action="store_true")
-    ap.add_argument("--out", default="benchmarks/guidance.json")
+    ap.add_argument("--out", default=None, help="default: ldm_tutorial/results/guidance.json (shipped)")
     ap.add_argument("--markdown", default="benchmarks/guidance.md")
     a = ap.parse_args(argv)
     if not a.sweep:
@@ -455,7 +443,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def write(result):
         result["meta"] = {**meta, "seconds": time.perf_counter() - t0}
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        from . import results  # noqa: PLC0415
+
+        Path(a.out or results.path("guidance")).write_text(json.dumps(result, indent=1) + "\n")
         Path(a.markdown).write_text(markdown(result))
 
     scales = tuple(float(s) for s in a.scales.split(","))

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/scaling_factor_eval.py [--n-per-count 48] [--parts ...]
 
-Writes benchmarks/scaling_factor.json (read by the chapter) and benchmarks/scaling_factor.md. Parts:
+Writes ldm_tutorial/results/scaling_factor.json (read by the chapter, shipped in the package) and benchmarks/scaling_factor.md. Parts:
 * factor:     TinySD's factor computed as LDM's scale_by_std does (1/std of one training batch), over
               a held-out set, and its spread across batch sizes and draws; raw mean (the shift), per channel
 * mistakes:   the shipped TinySD on the same prompts and seeds, decoded right, without dividing by the
@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ldm_tutorial import results
+
 ROOT = Path(__file__).resolve().parents[1]
-OUT_JSON = ROOT / "benchmarks" / "scaling_factor.json"
+OUT_JSON = results.path("scaling_factor")          # shipped in the package: the chapter reads it
 OUT_MD = ROOT / "benchmarks" / "scaling_factor.md"
 SDXL_FACTOR = 0.13025          # SDXL's VAE config (ldm.CONFIGS["sdxl-vae"])
 FACTOR_SEED = 10_040           # held-out scenes for the factor's statistics

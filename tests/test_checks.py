@@ -142,3 +142,17 @@ def test_guidance_interval_limits_guidance_to_its_steps(pipe):
     ts = some.timesteps
     assert calls == [2 if 400 <= t <= 700 else 1 for t in ts] and 1 in calls and 2 in calls
     assert (some.latents - full.latents).abs().mean() > 1e-4
+
+
+def test_committed_results_ship_in_the_package_and_load_by_name():
+    from ldm_tutorial import results
+
+    assert {"guidance", "scaling_factor"} <= set(results.available())
+    assert results.path("guidance").parent == results.RESULTS_DIR
+    assert results.RESULTS_DIR.parent == __import__("pathlib").Path(ldm.__file__).parent   # inside the package
+    assert results.load("guidance")["scales"]["5.0"]["n_images"] >= 128
+    with pytest.raises(FileNotFoundError, match=r"no committed result 'nope' .* there are \['guidance'"):
+        results.load("nope")
+    for bad in ("", "guidance.json", "../x", None):
+        with pytest.raises(ValueError, match="name must be a result's bare name"):
+            results.path(bad)
