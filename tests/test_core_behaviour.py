@@ -215,3 +215,155 @@ def test_resuming_n_plus_m_steps_equals_n_plus_m_straight(stage, tmp_path):
             torch.testing.assert_close(resumed["model"][key], value, atol=1e-6, rtol=1e-5, msg=key)
             moved = max(moved, (value - first["model"][key]).abs().max().item())
     assert moved > 0, "the second step changed nothing: the comparison would be vacuous"
+
+
+# ----------------------------------------------------------------------------- metrics against numpy
+def _spectrum_by_hand(x: torch.Tensor, n_bins: int):
+    """The radial luminance power spectrum written out in numpy, from its docstring's definition."""
+    a = x.double().numpy()
+    luma = 0.299 * a[:, 0] + 0.587 * a[:, 1] + 0.114 * a[:, 2]              # (B, H, W)
+    luma = luma - luma.mean(axis=(1, 2), keepdims=True)
+    h, w = luma.shape[1:]
+    window = np.outer(np.hanning(h), np.hanning(w))                          # symmetric Hann
+    power = np.abs(np.fft.fftshift(np.fft.fft2(luma * window), axes=(1, 2))) ** 2
+    fy, fx = np.fft.fftshift(np.fft.fftfreq(h)), np.fft.fftshift(np.fft.fftfreq(w))
+    radius = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    edges = np.linspace(0, 0.5, n_bins + 1)
+    idx = np.clip(np.digitize(radius, edges[1:-1], right=True), 0, n_bins - 1)
+    mean_power = power.mean(0)
+    sums = np.bincount(idx.ravel(), mean_power.ravel(), n_bins)
+    counts = np.bincount(idx.ravel(), minlength=n_bins)
+    return (edges[:-1] + edges[1:]) / 2, sums / np.maximum(counts, 1)
+
+
+@pytest.mark.parametrize("shape, n_bins", [((3, 3, 32, 32), None), ((2, 3, 24, 40), 7)])
+def test_radial_power_spectrum_equals_the_numpy_definition(shape, n_bins):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    x[:, 0] *= 0.5                                           # channels differ, so the luma weights matter
+    f, p = metrics.radial_power_spectrum(x, n_bins=n_bins)
+    want_f, want_p = _spectrum_by_hand(x, n_bins or min(shape[2:]) // 2)
+    np.testing.assert_allclose(f.numpy(), want_f, rtol=1e-6)
+    np.testing.assert_allclose(p.double().numpy(), want_p, rtol=2e-4)
+
+
+def test_spectrum_finds_a_sinusoid_and_ignores_the_mean():
+    size, freq = 64, 0.25                                    # 16 cycles across 64 pixels
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    wave = 0.5 * torch.cos(2 * torch.pi * freq * xx).expand(1, 3, size, size)
+    f, p = metrics.radial_power_spectrum(wave)
+    assert abs(f[p.argmax()].item() - freq) <= 0.5 / len(f)
+    _, p_shifted = metrics.radial_power_spectrum((wave + 0.4).clamp(-1, 1))
+    torch.testing.assert_close(p_shifted, p, rtol=1e-4, atol=1e-6)          # brightness is not power
+
+
+@pytest.mark.parametrize("fn", [lambda x: metrics.radial_power_spectrum(x),
+                                lambda x: metrics.high_freq_ratio(x, x),
+                                lambda x: metrics.ssim(x, x), lambda x: metrics.psnr(x, x)])
+def test_metrics_name_the_bad_argument(fn):
+    with pytest.raises(ValueError, match=r"^x must be a \(B, 3, H, W\) tensor, got \(3, 8, 8\)$"):
+        fn(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"^x must be a \(B, 3, H, W\) tensor, got list$"):
+        fn([0.0])
+    with pytest.raises(ValueError, match=r"^x must be in \[-1, 1\], got values in \[0, 255\]$"):
+        fn(torch.full((1, 3, 4, 4), 255.0).index_fill_(2, torch.tensor([0]), 0.0))
+
+
+def test_psnr_mask_and_ratio_cutoff_errors_say_what_is_expected():
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^mask must be a bool tensor of shape \(2, 1, 8, 8\), "
+                                         r"got torch.bool \(2, 3, 8, 8\)$"):
+        metrics.psnr(x, x, mask=torch.ones(2, 3, 8, 8, dtype=torch.bool))
+    for cutoff in (0.0, 0.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^cutoff must be in \(0, 0.5\) cycles per pixel, got {cutoff}$"):
+            metrics.high_freq_ratio(x, x, cutoff=cutoff)
+    with pytest.raises(ValueError, match=r"^x and y must have the same shape, got \(2, 3, 8, 8\) and \(1, 3, 8, 8\)$"):
+        metrics.psnr(x, x[:1])
+
+
+def test_high_freq_ratio_is_the_band_power_ratio():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    y = (x * 0.5).clamp(-1, 1)
+    f, p_y = metrics.radial_power_spectrum(y)
+    _, p_x = metrics.radial_power_spectrum(x)
+    for cutoff in (0.1, 0.25, 0.4):
+        band = f >= cutoff
+        want = float(p_y[band].sum() / p_x[band].sum())
+        assert metrics.high_freq_ratio(y, x, cutoff=cutoff) == pytest.approx(want, rel=1e-6)
+    assert metrics.high_freq_ratio(y, x) == pytest.approx(0.25, rel=1e-4)      # half the amplitude
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_schedule_formulas_against_their_closed_forms():
+    from ldm_tutorial import schedules
+
+    a = torch.tensor([0.9, 0.5, 0.01], dtype=torch.float64)
+    torch.testing.assert_close(schedules.ddpm_log_snr(a.float()), torch.log(a / (1 - a)), rtol=1e-6, atol=1e-6)
+    s = torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(schedules.flow_log_snr(s), (2 * torch.log((1 - s) / s)).double(), rtol=1e-6, atol=1e-6)
+    assert schedules.flow_log_snr(torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(schedules.shift_sigmas(s, 3.0), 3 * s / (1 + 2 * s))
+    torch.testing.assert_close(schedules.shift_sigmas(s, 1.0), s)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^shift must be > 0, got {bad}$"):
+            schedules.shift_sigmas(s, bad)
+    with pytest.raises(ValueError, match=r"^sigmas must be in \(0, 1\], got \[0, 0.5\]$"):
+        schedules.flow_log_snr(torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match=r"^sigmas must be in \(0, 1\], got \[0.5, 1.5\]$"):
+        schedules.flow_log_snr(torch.tensor([0.5, 1.5]))
+
+
+# ----------------------------------------------------------------------------- runtime
+def test_colab_detection_and_the_runtime_line(monkeypatch):
+    import sys
+
+    from ldm_tutorial import runtime
+
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert runtime.in_colab() is False
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    assert runtime.in_colab() is True
+    info = runtime.RuntimeInfo(device=torch.device("cuda"), dtype=torch.float16, colab=True, hub=True,
+                               reason="online -> sd15")
+    assert str(info) == "device=cuda dtype=float16 colab hub=online -> sd15"
+    info = runtime.RuntimeInfo(device=torch.device("cpu"), dtype=torch.float32, colab=False, hub=False,
+                               reason="offline (HF_HUB_OFFLINE=1) -> TinySD")
+    assert str(info) == "device=cpu dtype=float32 hub=offline (HF_HUB_OFFLINE=1) -> TinySD"
+
+
+def test_describe_runtime_picks_sd15_only_with_cuda_and_the_hub(monkeypatch):
+    from ldm_tutorial import runtime
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(runtime, "_probe", lambda host, timeout: host == "huggingface.co")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = runtime.describe_runtime()
+    assert (info.device.type, info.dtype, info.hub, info.reason) == ("cuda", torch.float16, True, "online -> sd15")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = runtime.describe_runtime()
+    assert (info.device.type, info.dtype, info.reason) == ("cpu", torch.float32, "online -> TinySD")
+    monkeypatch.setattr(runtime, "_probe", lambda host, timeout: False)
+    assert runtime.describe_runtime().reason == "offline (huggingface.co unreachable) -> TinySD"
+
+
+def test_seed_everything_returns_a_seeded_cpu_generator():
+    from ldm_tutorial import runtime
+
+    g = runtime.seed_everything(5)
+    assert g.device.type == "cpu" and g.initial_seed() == 5
+    torch.testing.assert_close(torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(5)))
+
+
+def test_cpu_name_reads_the_model_name():
+    from pathlib import Path
+
+    from ldm_tutorial import runtime
+
+    name = runtime.cpu_name()
+    info = Path("/proc/cpuinfo")
+    if info.exists() and "model name" in info.read_text():
+        line = next(l for l in info.read_text().splitlines() if l.startswith("model name"))
+        assert name == line.split(":", 1)[1].strip()
+    assert isinstance(name, str) and name
