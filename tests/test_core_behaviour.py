@@ -367,3 +367,35 @@ def test_cpu_name_reads_the_model_name():
         line = next(l for l in info.read_text().splitlines() if l.startswith("model name"))
         assert name == line.split(":", 1)[1].strip()
     assert isinstance(name, str) and name
+
+
+# ----------------------------------------------------------------------------- tinysd's error paths
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda t: t.pipeline_dir("video"), ValueError, r"^task must be one of \['text2img', 'img2img', 'inpaint'\], "
+                                                    r"got 'video'$"),
+    (lambda t: t.component_dir("decoder"), ValueError, r"^name must be one of \[.*'vae'\], got 'decoder'$"),
+    (lambda t: t.load_scaling_unet("half"), ValueError, r"^variant must be one of \['scaled', 'unscaled'\], "
+                                                        r"got 'half'$"),
+    (lambda t: t.component_dir("unet", weights_dir="/nonexistent"), FileNotFoundError,
+     r"TinySD component 'unet' is not shipped at /nonexistent/tinysd/unet; train it with"),
+    (lambda t: t.load_flow_unet(weights_dir="/nonexistent"), FileNotFoundError,
+     r"TinySD's flow U-Net is not shipped at /nonexistent/tinysd-flow/unet; train it with .*flow --continue-shipped"),
+    (lambda t: t.load_flow_unet(weights_dir="/nonexistent", control=True), FileNotFoundError,
+     r"TinySD's epsilon control U-Net is not shipped at .*unet --continue-shipped"),
+    (lambda t: t.load_scaling_unet("scaled", weights_dir="/nonexistent"), FileNotFoundError,
+     r"the scaled comparison U-Net is not shipped at"),
+])
+def test_tinysd_refuses_what_it_cannot_load_with_a_clear_message(call, error, pattern):
+    from ldm_tutorial import tinysd
+
+    with pytest.raises(error, match=pattern):
+        call(tinysd)
+
+
+def test_objective_comparison_refuses_a_pipeline_it_cannot_use():
+    import ldm_tutorial as ldm
+    from ldm_tutorial import tinysd
+
+    inpaint = ldm.load_pipeline("tiny", task="inpaint", verbose=False)
+    with pytest.raises(ValueError, match=r"^pipe must be TinySD's text-to-image pipeline .* got a 9-channel U-Net"):
+        tinysd.objective_comparison(inpaint)
