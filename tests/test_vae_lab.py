@@ -103,12 +103,23 @@ def test_bad_variant_and_factor_are_named():
 
 
 def test_codebook_stats_count_codes_and_perplexity():
+    import numpy as np
+    from scipy.stats import entropy
+
     model = vae_lab.new_model("vq")
-    st = vae_lab.codebook_stats(model, _images(4))
-    assert st["codes"] == vae_lab.CODEBOOK_SIZE
-    assert int(st["counts"].sum()) == 4 * 8 * 8               # one code per latent position
-    assert 1 <= st["perplexity"] <= st["used"] <= st["codes"]
-    assert st["usage"] == pytest.approx(st["used"] / st["codes"])
+    x = _images(4)
+    st = vae_lab.codebook_stats(model, x)
+    # independently: each latent vector's nearest codebook entry, then the histogram's statistics
+    with torch.no_grad():
+        z = model.encode(x).latents.permute(0, 2, 3, 1).reshape(-1, model.quantize.embedding.weight.shape[1])
+        nearest = torch.cdist(z, model.quantize.embedding.weight).argmin(1)
+    counts = np.bincount(nearest.numpy(), minlength=vae_lab.CODEBOOK_SIZE)
+    assert counts.sum() == 4 * 8 * 8                             # one code per latent position
+    np.testing.assert_array_equal(st["counts"].numpy(), counts)
+    assert st["codes"] == len(counts) and st["used"] == int((counts > 0).sum())
+    assert st["usage"] == pytest.approx((counts > 0).mean())
+    assert st["perplexity"] == pytest.approx(float(np.exp(entropy(counts / counts.sum()))), rel=1e-9)
+    assert 1 <= st["perplexity"] <= st["used"] < st["codes"]
 
 
 def test_training_runs_the_gan_after_warmup_and_resumes_exactly(tmp_path):
