@@ -399,3 +399,278 @@ def test_objective_comparison_refuses_a_pipeline_it_cannot_use():
     inpaint = ldm.load_pipeline("tiny", task="inpaint", verbose=False)
     with pytest.raises(ValueError, match=r"^pipe must be TinySD's text-to-image pipeline .* got a 9-channel U-Net"):
         tinysd.objective_comparison(inpaint)
+
+
+# ----------------------------------------------------------------------------- the parser, on drawn pixels
+def _canvas(size=128):
+    return np.full((size, size, 3), 0.5, np.float32)              # grey: no chroma, no object
+
+
+def _block(img, x0, y0, w, h, rgb=(215, 35, 35)):
+    img[y0:y0 + h, x0:x0 + w] = np.array(rgb, np.float32) / 255
+    return img
+
+
+def test_to_numpy_image_converts_every_input_kind_and_names_bad_ones():
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    u8 = g.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    want = u8.astype(np.float32) / 255
+    np.testing.assert_array_equal(parser.to_numpy_image(u8), want)
+    np.testing.assert_array_equal(parser.to_numpy_image(Image.fromarray(u8)), want)
+    np.testing.assert_array_equal(parser.to_numpy_image(Image.fromarray(u8).convert("RGBA")), want)
+    grey = Image.fromarray(u8[..., 0])                               # mode L becomes three equal channels
+    np.testing.assert_array_equal(parser.to_numpy_image(grey), np.repeat(want[..., :1], 3, -1))
+    assert parser.to_numpy_image(want.astype(np.float64)).dtype == np.float32
+    t = torch.from_numpy(want).permute(2, 0, 1) * 2 - 1              # (3, H, W) in [-1, 1]
+    np.testing.assert_allclose(parser.to_numpy_image(t), want, atol=1e-6)
+    for bad, pattern in [
+        (torch.zeros(1, 4, 4), r"^image tensor must be \(3, H, W\) in \[-1, 1\], got shape \(1, 4, 4\)$"),
+        (torch.zeros(3, 4), r"^image tensor must be \(3, H, W\) in \[-1, 1\], got shape \(3, 4\)$"),
+        (torch.full((3, 4, 4), 3.0), r"^image tensor must be in \[-1, 1\], got \[3.00, 3.00\]$"),
+        (torch.full((3, 4, 4), -3.0), r"^image tensor must be in \[-1, 1\], got \[-3.00, -3.00\]$"),
+        (np.zeros((4, 4)), r"^image array must be \(H, W, 3\), got shape \(4, 4\)$"),
+        (np.zeros((4, 4, 4)), r"^image array must be \(H, W, 3\), got shape \(4, 4, 4\)$"),
+        (np.full((4, 4, 3), 2.0), r"^float image array must be in \[0, 1\], got \[2.00, 2.00\]$"),
+        (np.full((4, 4, 3), -0.5), r"^float image array must be in \[0, 1\], got \[-0.50, -0.50\]$"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            parser.to_numpy_image(bad)
+
+
+def test_hue_matches_colorsys():
+    import colorsys
+
+    rgb = np.random.default_rng(1).random((200, 3)).astype(np.float32)
+    want = np.array([colorsys.rgb_to_hsv(*p)[0] for p in rgb])
+    got = parser._hue(rgb)
+    circular = np.minimum(np.abs(got - want), 1 - np.abs(got - want))
+    assert circular.max() < 1e-5
+
+
+def test_square_template_fills_its_box_exactly():
+    temps = parser._templates((10, 20, 30, 40), (64, 64))
+    square = temps[shapes.SHAPES.index("square")]
+    want = np.zeros((64, 64), bool)
+    want[20:40, 10:30] = True
+    np.testing.assert_array_equal(square, want)
+    circle = temps[shapes.SHAPES.index("circle")]
+    assert abs(circle.sum() - np.pi * 10**2) < 0.05 * np.pi * 10**2         # a disc of radius side / 2
+    assert not circle[~want].any() and circle[29, 19] and circle[30, 20]   # inside its box, centred
+    np.testing.assert_array_equal(circle[20:40, 10:30], circle[20:40, 10:30][::-1, ::-1])
+
+
+def test_parser_reads_box_size_position_and_order_from_drawn_blocks():
+    img = _block(_canvas(), 20, 30, 27, 27)                              # side 27 = midway: large
+    img = _block(img, 90, 95, 20, 20, (40, 80, 215))                     # a small blue square
+    objs = parser.parse_scene(img)
+    assert [o.colour for o in objs] == ["red", "blue"]                   # largest first
+    red, blue = objs
+    assert red.box == (20, 30, 47, 57) and blue.box == (90, 95, 110, 115)
+    assert (red.shape, red.size, red.position) == ("square", "large", "left")
+    assert (blue.shape, blue.size, blue.position) == ("square", "small", "bottom right")
+    assert red.shape_iou > 0.99 and red.mask.sum() == 27 * 27
+
+
+def test_parser_area_threshold_connectivity_and_small_specks():
+    # exactly the minimum area counts, one pixel less does not
+    assert len(parser.parse_scene(_block(_canvas(), 50, 50, 6, 10))) == 1            # 60 pixels
+    assert parser.parse_scene(_block(_block(_canvas(), 50, 50, 6, 9), 56, 50, 1, 5)) == []   # 59
+    # a speck of the same colour before a real object (component 1) does not hide the object
+    img = _block(_block(_canvas(), 2, 2, 4, 4), 60, 60, 30, 30)
+    assert [(o.colour, o.size) for o in parser.parse_scene(img)] == [("red", "large")]
+    # two blocks touching at a corner are one object (8-connectivity), as a drawn cross's arms are
+    img = _block(_block(_canvas(), 30, 30, 8, 8), 38, 38, 8, 8)
+    assert len(parser.parse_scene(img)) == 1
+    # the threshold scales with the image: a 64x64 image's 3x3 speck is noise, its shapes are not
+    half = shapes.render(shapes.sample_scenes(8, seed=77), size=64)
+    scenes = shapes.sample_scenes(8, seed=77)
+    assert np.mean([parser.scene_matches(parser.parse_scene(im), s) for im, s in zip(half, scenes)]) >= 0.75
+    speck = _block(_canvas(64), 10, 10, 3, 3)
+    assert parser.parse_scene(speck) == []
+
+
+def test_parser_hue_wraps_around_red():
+    import colorsys
+
+    rgb = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(0.97, 0.85, 0.85))   # red, leaning purple
+    (obj,) = parser.parse_scene(_block(_canvas(), 40, 40, 30, 30, rgb))
+    assert obj.colour == "red"
+
+
+def test_objects_present_checks_size_only_when_asked():
+    wrong_size = [dataclasses.replace(SCENE[0], size="large"), SCENE[1]]
+    assert parser.objects_present(_parsed(wrong_size), SCENE) == [True, True]
+    assert parser.objects_present(_parsed(wrong_size), SCENE, check_size=True) == [False, True]
+
+
+# ----------------------------------------------------------------------------- losses, paths, boundaries
+def test_hinge_discriminator_loss_is_its_formula_and_waits_for_the_gan():
+    from ldm_tutorial.losses import hinge_d_loss
+
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(2, 1, 5, 5, generator=g) * 2, torch.randn(2, 1, 5, 5, generator=g) * 2
+    want = 0.5 * (torch.clamp(1 - real, min=0).mean() + torch.clamp(1 + fake, min=0).mean())
+    torch.testing.assert_close(hinge_d_loss(real, fake), want)
+    loss = VAELoss(VAELossConfig(use_gan=False, perceptual_weight=0.0), discriminator=PatchDiscriminator(width=8))
+    x = torch.zeros(1, 3, 32, 32)
+    assert loss.discriminator_loss(x, x, step=10**6) is None               # no GAN: never a D loss
+
+
+def test_random_feature_perceptual_network_is_the_documented_one():
+    """Three VGG-style stages (widths 32, 64, 128, max-pool between), He-initialised from a seeded
+    generator: rebuilt here from that description, it gives the same distances."""
+    from ldm_tutorial.losses import Perceptual
+
+    g = torch.Generator().manual_seed(0)
+    chans, stages = [3, 32, 64, 128], []
+    for i in range(3):
+        convs = []
+        for cin, cout in ((chans[i], chans[i + 1]), (chans[i + 1], chans[i + 1])):
+            conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+            conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2 / (cin * 9)) ** 0.5
+            conv.bias.data.zero_()
+            convs += [conv, torch.nn.ReLU()]
+        stages.append(torch.nn.Sequential(*([torch.nn.MaxPool2d(2)] if i else []), *convs))
+
+    def by_hand(x, y):
+        total = x.new_zeros(x.shape[0])
+        for stage in stages:
+            x, y = stage(x), stage(y)
+            nx, ny = x / (x.norm(dim=1, keepdim=True) + 1e-10), y / (y.norm(dim=1, keepdim=True) + 1e-10)
+            total = total + ((nx - ny) ** 2).sum(1).mean((1, 2))
+        return total
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    perc = Perceptual()
+    assert perc.kind == "random-vgg"
+    with torch.no_grad():
+        torch.testing.assert_close(perc(x, y), by_hand(x, y))
+        assert not torch.allclose(Perceptual(seed=1)(x, y), perc(x, y))      # the seed is the network
+    with pytest.raises(ValueError, match=r"^kind must be 'random-vgg' or 'lpips', got 'vgg'$"):
+        Perceptual(kind="vgg")
+
+
+def test_noising_paths_are_their_formulas():
+    from ldm_tutorial import schedules
+
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.9, 0.4, 0.05])
+    vp = schedules.vp_path(x0, noise, a)
+    s = torch.tensor([0.0, 0.3, 1.0])
+    flow = schedules.flow_path(x0, noise, s)
+    assert vp.shape == flow.shape == (3, 2, 3) and vp.dtype == flow.dtype == torch.float64
+    for i in range(3):
+        ai, si = a[i].double(), s[i].double()
+        torch.testing.assert_close(vp[i], ai.sqrt() * x0 + (1 - ai).sqrt() * noise)
+        torch.testing.assert_close(flow[i], (1 - si) * x0 + si * noise)
+
+
+def test_metric_input_checks_at_their_boundaries():
+    ok = torch.zeros(1, 3, 4, 4)
+    for value in (-1.01, 1.01, -1.0, 1.0):
+        metrics.psnr(ok.fill_(value), ok)                         # the stated tolerance, inclusive
+    for value in (-1.5, 1.5):
+        with pytest.raises(ValueError, match=r"^x must be in \[-1, 1\]"):
+            metrics.psnr(torch.full((1, 3, 4, 4), value), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"^x must be a \(B, 3, H, W\) tensor, got \(1, 4, 8, 8\)$"):
+        metrics.psnr(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"^y must be a \(B, 3, H, W\) tensor, got \(1, 4, 8, 8\)$"):
+        metrics.psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 4, 8, 8))
+    # a mask that keeps one pixel: the PSNR of that pixel alone
+    x, y = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    y[0, :, 1, 2] = 0.5
+    keep = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    keep[0, 0, 1, 2] = True
+    assert metrics.psnr(x, y, mask=keep).item() == pytest.approx(10 * np.log10(4 / 0.25), abs=1e-4)
+
+
+def test_high_freq_ratio_band_includes_its_cutoff_and_works_for_faint_images():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.rand(1, 3, 32, 32, generator=g) * 2 - 1) * 0.01           # band power far below 1
+    y = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)                # blurred: the ratio varies by bin
+    f, p_y = metrics.radial_power_spectrum(y)
+    _, p_x = metrics.radial_power_spectrum(x)
+    cutoff = float(f[8])                                                 # exactly a bin centre
+    band = f >= cutoff
+    want = float(p_y[band].sum() / p_x[band].sum())
+    without = float(p_y[f > cutoff].sum() / p_x[f > cutoff].sum())
+    assert p_x[band].sum() < 0.1 and abs(want - without) > 1e-3 * want
+    assert metrics.high_freq_ratio(y, x, cutoff=cutoff) == pytest.approx(want, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- runtime details
+def test_probe_connects_to_port_443_with_its_timeout_in_a_daemon_thread(monkeypatch):
+    import threading
+
+    from ldm_tutorial import runtime
+
+    calls, threads = [], []
+
+    class Conn:
+        def __enter__(self):
+            threads.append(threading.current_thread())
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_connect(address, timeout=None):
+        calls.append((address, timeout))
+        if address[0] == "down.example":
+            raise OSError("refused")
+        return Conn()
+
+    monkeypatch.setattr(runtime.socket, "create_connection", fake_connect)
+    monkeypatch.setattr(runtime, "_PROBES", {})
+    assert runtime._probe("up.example", 1.5) is True
+    assert runtime._probe("down.example", 1.5) is False              # another host: probed, not the cache
+    assert runtime._probe("up.example", 0.5) is True
+    assert calls == [(("up.example", 443), 1.5), (("down.example", 443), 1.5), (("up.example", 443), 0.5)]
+    assert threads[0].daemon and threads[0].name == "ldm-hub-probe-up.example"
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("TRUE", True), (" Yes ", True),
+                                            ("on", True), ("0", False), ("", False), ("no", False)])
+def test_offline_variables_are_read_case_and_space_insensitively(monkeypatch, value, offline):
+    from ldm_tutorial import runtime
+
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert (runtime._offline_reason() == "HF_HUB_OFFLINE=1") is offline
+
+
+def test_hub_timeout_of_five_seconds_is_allowed_and_colab_is_reported(monkeypatch):
+    import sys
+
+    from ldm_tutorial import runtime
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert runtime.hub_available(timeout=5) is False                  # accepted (offline: no probe)
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    info = runtime.describe_runtime()
+    assert info.colab is True and " colab " in str(info)
+
+
+def test_cpu_name_keeps_colons_in_the_model_name_and_falls_back(monkeypatch):
+    import io
+
+    from ldm_tutorial import runtime
+
+    text = "processor\t: 0\nmodel name\t: Vendor(R) CPU: Model X @ 2.00GHz\nflags\t: fpu\n"
+    monkeypatch.setattr(runtime, "open", lambda *a, **k: io.StringIO(text), raising=False)
+    assert runtime.cpu_name() == "Vendor(R) CPU: Model X @ 2.00GHz"
+
+    def missing(*a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(runtime, "open", missing, raising=False)
+    monkeypatch.setattr("platform.processor", lambda: "")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert runtime.cpu_name() == "x86_64"
+    monkeypatch.setattr("platform.processor", lambda: "i386")
+    assert runtime.cpu_name() == "i386"
