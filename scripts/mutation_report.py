@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ldm_tutorial.runtime import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 KILLED = {"killed", "timeout", "segfault"}
 
@@ -51,19 +53,20 @@ def main() -> None:
         status = status.strip()
         if status in KILLED:
             counts[module]["killed"] += 1
-        elif status == "survived" and name in equivalent:
+        elif status in ("survived", "no tests") and name in equivalent:
             counts[module]["equivalent"] += 1
-        elif status == "survived":
+        elif status in ("survived", "no tests"):     # no test reaches it: as good as survived
             counts[module]["survived"] += 1
-            survivors.append(name)
+            survivors.append(f"{name} ({status})")
         else:
             counts[module][status] += 1
     lines = ["# Mutation testing", "",
              "Written by `scripts/mutation_report.py` after `make mutation` (mutmut over the core modules,",
              "against the unit tests named in pyproject.toml's `[tool.mutmut]`). Killed: a test failed or timed",
-             "out with the mutant in place. Equivalent: reviewed, changes no behaviour",
-             "(benchmarks/mutation_equivalent.txt says why, one line each).", "",
-             f"- machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}",
+             "out with the mutant in place. Survived: every selected test passed, or none reaches the code",
+             "(\"no tests\"). Equivalent: reviewed, changes no behaviour (benchmarks/mutation_equivalent.txt",
+             "says why, one line each). Score: killed / (killed + survived).", "",
+             f"- machine: {cpu_name()}, {platform.machine()}, Python {platform.python_version()}",
              f"- date: {datetime.date.today().isoformat()}"
              + (f"; the run took {a.seconds / 60:.0f} min" if a.seconds else ""), "",
              "| module | killed | survived | equivalent | other | score |", "|---|---:|---:|---:|---:|---:|"]
