@@ -674,3 +674,22 @@ def test_cpu_name_keeps_colons_in_the_model_name_and_falls_back(monkeypatch):
     assert runtime.cpu_name() == "x86_64"
     monkeypatch.setattr("platform.processor", lambda: "i386")
     assert runtime.cpu_name() == "i386"
+
+
+def test_patch_discriminator_is_pix2pix_70x70_patchgan():
+    """pix2pix's PatchGAN with 3 layers judges 70x70 patches (Isola et al. 2017): the receptive field
+    of one logit, from the convolutions' kernels and strides, is 70 pixels; a 128x128 image gives a
+    14x14 grid of logits; LeakyReLU(0.2) and a GroupNorm after each inner convolution."""
+    disc = PatchDiscriminator(width=8)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    field = 1
+    for conv in reversed(convs):                        # r_in = (r_out - 1) * stride + kernel
+        field = (field - 1) * conv.stride[0] + conv.kernel_size[0]
+    assert field == 70 and [c.stride[0] for c in convs] == [2, 2, 2, 1, 1]
+    assert [c.out_channels for c in convs] == [8, 16, 32, 64, 1] and convs[0].in_channels == 3
+    assert all(c.padding == (1, 1) for c in convs)
+    assert disc(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 14, 14)
+    slopes = {m.negative_slope for m in disc.modules() if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.2} and sum(isinstance(m, torch.nn.GroupNorm) for m in disc.modules()) == 3
+    assert [c.bias is None for c in convs] == [False, True, True, True, False]    # the norm has the bias
+    assert PatchDiscriminator(width=8, n_layers=2)(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 30, 30)
