@@ -48,11 +48,11 @@ def combine(noise_pred_uncond: torch.Tensor, noise_pred_text: torch.Tensor, guid
     if noise_pred_uncond.shape != noise_pred_text.shape:
         raise ValueError("noise_pred_uncond and noise_pred_text must have one shape, got "
                          f"{tuple(noise_pred_uncond.shape)} and {tuple(noise_pred_text.shape)}")
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: PLC0415
+
     guided = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-    if guidance_rescale > 0:
-        dims = list(range(1, guided.ndim))
-        rescaled = guided * (noise_pred_text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    if guidance_rescale > 0:                    # diffusers' own rescale, as ldm.sample and the pipeline use
+        guided = rescale_noise_cfg(guided, noise_pred_text, guidance_rescale)
     return guided
 
 
@@ -76,13 +76,6 @@ class GuidedOutput:
     raw: torch.Tensor             # (B, 3, H, W) the decoder's output before the clamp
     latents: torch.Tensor         # (B, C, h, w) final scaled latents
     timesteps: list[int]
-
-
-def _as_list(value, n: int, name: str) -> list[str]:
-    out = [value] * n if isinstance(value, str) else list(value)
-    if len(out) != n:
-        raise ValueError(f"{name} must be a string or a list of {n}, got {len(out)}")
-    return out
 
 
 @torch.no_grad()
@@ -288,12 +281,13 @@ def measure(pipe, scenes: list, noise: torch.Tensor, batch: int = 64, progress: 
     diversity between the S seeds of one prompt (RMS, pixels in [-1, 1] and scaled latents).
     keep_images adds "images": the (S, P, 3, H, W) clamped images (not JSON: for live use).
     """
+    from . import checks  # noqa: PLC0415
     from .tinysd import shapes  # noqa: PLC0415
 
     S, P = noise.shape[:2]
     if P != len(scenes):
         raise ValueError(f"noise must hold one draw per scene ({len(scenes)}), got {P}")
-    negatives = _as_list(negative_prompt, P, "negative_prompt")
+    negatives = checks.negative_prompts(negative_prompt, P)
     prompts = [shapes.describe(s) for s in scenes]
     per = {"correct": [], "saturation": [], "out_of_range": [], "background_std": []}
     images = torch.empty(S, P, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)

@@ -7,6 +7,7 @@ import torch
 
 import ldm_tutorial as ldm
 from ldm_tutorial import guidance as G
+from ldm_tutorial.tinysd import evaluate, parser, shapes
 
 PROMPTS = ["a small red circle on the left", "a large blue square at the top"]
 
@@ -144,8 +145,17 @@ def test_background_std_ignores_the_objects():
 def test_measure_scores_rendered_truth_and_counts(pipe):
     scenes = G.sweep_scenes(2)
     nz = G.start_noise(len(scenes), 2, (4, 16, 16))
-    row = G.measure(pipe, scenes, nz, guidance_scale=5.0, num_inference_steps=4)
+    row = G.measure(pipe, scenes, nz, guidance_scale=5.0, num_inference_steps=4, keep_images=True)
     assert row["n_images"] == 8 and row["n_prompts"] == 4 and row["n_seeds"] == 2
+    # the figures, recomputed from one guided run per seed
+    runs = [G.guided_sample(pipe, [shapes.describe(s) for s in scenes], guidance_scale=5.0,
+                            num_inference_steps=4, latents=nz[s]) for s in range(2)]
+    torch.testing.assert_close(row["images"][1], runs[1].images, atol=1e-5, rtol=0)
+    correct = [evaluate.fully_correct(parser.parse_scene(im), sc.objects)
+               for run in runs for im, sc in zip(run.images, scenes)]
+    assert row["correct"] == pytest.approx(np.mean(correct))
+    rms = [((runs[0].images[p] - runs[1].images[p]) ** 2).mean().sqrt().item() for p in range(4)]
+    assert row["diversity_pixels"] == pytest.approx(np.mean(rms), rel=1e-4)
     assert set(row["fully_correct_by_count"]) == {"1_object", "2_object"}
     assert 0 < row["diversity_pixels"] < 2 and row["diversity_latents"] > 0
     with pytest.raises(ValueError, match="noise"):

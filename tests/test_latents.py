@@ -31,7 +31,15 @@ def test_shipped_vae_on_its_images_is_healthy(vae, images):
     assert r.ok and r.problems == [], r
     assert r.scaling_factor == pytest.approx(vae.config.scaling_factor)
     assert 0.85 < r.scaled_std < 1.15                 # near unit variance: what the factor is for
-    assert r.raw_std == pytest.approx(r.scaled_std / r.scaling_factor, rel=1e-4)
+    with torch.no_grad():                              # the statistics, recomputed independently
+        post = vae.encode(images).latent_dist
+        z = post.sample(generator=torch.Generator().manual_seed(0))
+        rec = vae.decode(post.mode()).sample.clamp(-1, 1)
+    assert r.raw_std == pytest.approx(float(z.std()), rel=1e-4)
+    assert r.scaled_std == pytest.approx(float(z.std()) * vae.config.scaling_factor, rel=1e-4)
+    assert r.raw_channel_mean == pytest.approx(z.mean((0, 2, 3)).tolist(), abs=1e-4)
+    mse = ((rec - images) ** 2).flatten(1).mean(1)
+    assert r.round_trip_psnr == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), abs=1e-3)
     assert r.round_trip_psnr > 28                      # TinySD's VAE: about 33 dB on held-out shapes
     assert len(r.scaled_channel_std) == vae.config.latent_channels == 4
     assert -1 <= r.pixel_min < r.pixel_max <= 1

@@ -129,8 +129,8 @@ SCALING_VARIANTS = ("scaled", "unscaled")
 def load_scaling_unet(variant: str, device="cpu", weights_dir: Path | None = None, dtype=None):
     """(UNet2DConditionModel, decode scaling factor) of the scaling-factor chapter's comparison.
 
-    Two small U-Nets (`configs.UNET_PRESETS["small"]`) trained for the same seconds on the same
-    latents: "scaled" on latents times the VAE's scaling_factor (SD's recipe), "unscaled" on the raw
+    Two small U-Nets (`configs.UNET_PRESETS["small"]`) trained for the same number of steps on
+    the same latents: "scaled" on latents times the VAE's scaling_factor (SD's recipe), "unscaled" on the raw
     latents. The second number is the factor its samples must be decoded with: the VAE's own for
     "scaled", 1.0 for "unscaled" (its U-Net produces raw latents; dividing them by 0.3788 would
     blow them up by 2.6x). `scaling_comparison` builds both pipelines that way.
