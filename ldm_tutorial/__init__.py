@@ -6,6 +6,8 @@ are built only when a function is called. The `tinysd` subpackage is imported la
 """
 from . import metrics, results, schedules, vae_lab
 from . import guidance
+from . import editing
+from .editing import img2img, inpaint
 from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_bytes, attention_sites, attention_table,
                    build_on_meta, count_parameters, family_table, record_attention, sdxl_pipelines,
                    tiny_sd3_transformer, tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
@@ -24,6 +26,7 @@ __all__ = [
     "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
     "check_latent_health", "LatentHealth",
     "guidance",
+    "editing", "img2img", "inpaint",
     "describe_runtime", "family_table", "metrics", "results", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
     "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "sigmas_for", "SampleOutput", "schedules",
     "sdxl_pipelines", "seed_everything",

@@ -1,0 +1,300 @@
+"""The editing helpers: each input rule of ldm_tutorial.editing, and img2img/inpaint against diffusers."""
+import re
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+import ldm_tutorial as ldm
+from ldm_tutorial import editing
+from ldm_tutorial.tinysd import shapes
+
+
+def _rgb_u8(h=16, w=24, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _independent(u8_hwc):
+    """0..255 HWC -> (1, 3, H, W) in [-1, 1], computed in numpy."""
+    return torch.from_numpy(u8_hwc.astype(np.float64).transpose(2, 0, 1)[None] / 127.5 - 1).float()
+
+
+def _notes(fn, *args, **kwargs):
+    notes = []
+    out = fn(*args, notes=notes, **kwargs)
+    return out, notes
+
+
+# ---- as_image ------------------------------------------------------------------------------------
+
+def test_uint8_hwc_array_and_pil_rgb_scale_from_0_255_without_a_note():
+    a = _rgb_u8()
+    for image in (a, PIL.Image.fromarray(a), torch.from_numpy(a).permute(2, 0, 1)):
+        out, notes = _notes(editing.as_image, image)
+        assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 24)
+        torch.testing.assert_close(out, _independent(a), rtol=0, atol=1e-6)
+        assert notes == []
+    assert float(editing.as_image(np.full((8, 8, 3), 255, np.uint8)).min()) == 1.0
+    assert float(editing.as_image(np.zeros((8, 8, 3), np.uint8)).max()) == -1.0
+
+
+def test_batches_and_layouts_agree():
+    a, b = _rgb_u8(seed=1), _rgb_u8(seed=2)
+    want = torch.cat([_independent(a), _independent(b)])
+    stacked = np.stack([a, b])                                  # (B, H, W, 3)
+    chw = torch.from_numpy(stacked).permute(0, 3, 1, 2)         # (B, 3, H, W)
+    for image in (stacked, chw, [a, b], [PIL.Image.fromarray(a), PIL.Image.fromarray(b)]):
+        torch.testing.assert_close(editing.as_image(image), want, rtol=0, atol=1e-6)
+    x = torch.rand(3, 16, 24) * 2 - 1                            # (3, H, W) floats pass through
+    torch.testing.assert_close(editing.as_image(x), x[None])
+
+
+def test_rgba_alpha_is_composited_over_white_and_named():
+    a = np.zeros((8, 16, 4), np.uint8)
+    a[..., 0] = 200                                             # red stored under every pixel
+    a[:, :8, 3] = 255                                           # left half opaque, right half clear
+    a[:, 8:, 3] = 0
+    a[0, 0, 3] = 128                                            # one half-transparent pixel
+    im = PIL.Image.fromarray(a, "RGBA")
+    out, notes = _notes(editing.as_image, im)
+    white = PIL.Image.new("RGBA", im.size, (255, 255, 255, 255))
+    ref = np.asarray(PIL.Image.alpha_composite(white, im).convert("RGB"))
+    torch.testing.assert_close(out, _independent(ref), rtol=0, atol=1.01 / 127.5)   # PIL rounds
+    assert torch.equal(out[0, :, :, 8:], torch.ones(3, 8, 8))   # clear pixels are white, exactly
+    assert len(notes) == 1 and "'RGBA'" in notes[0] and "white" in notes[0] and "65 of 128" in notes[0]
+    dropped = VaeImageProcessor().preprocess(im)                # diffusers keeps the hidden colour
+    assert float(dropped[0, 1:, :, 8:].max()) == -1.0           # green, blue 0: the clear half is red
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1", "CMYK"])
+def test_other_modes_convert_like_pil_and_name_the_mode(mode):
+    im = PIL.Image.fromarray(_rgb_u8()).convert(mode)
+    out, notes = _notes(editing.as_image, im)
+    torch.testing.assert_close(out, _independent(np.asarray(im.convert("RGB"))), rtol=0, atol=1e-6)
+    assert notes == [f"image: PIL mode {mode!r} converted to RGB"]
+    if mode == "L":
+        assert torch.equal(out[0, 0], out[0, 1]) and torch.equal(out[0, 1], out[0, 2])
+
+
+def test_a_mode_with_more_than_8_bits_is_refused():
+    im = PIL.Image.fromarray(np.zeros((8, 8), np.int32), "I")
+    with pytest.raises(ValueError, match=r"^image: PIL mode 'I' is not an 8-bit image"):
+        editing.as_image(im)
+
+
+def test_float_ranges():
+    with pytest.raises(ValueError, match=re.escape("image: float images must be in [-1, 1], found range "
+                                                   "[-2, 1.5]")):
+        editing.as_image(torch.tensor([-2.0, 1.5]).repeat(3, 8, 4))
+    with pytest.raises(ValueError, match=r"found range \[0, 255\] \(0\.\.255 values\? pass them as uint8\)"):
+        editing.as_image(torch.tensor([0.0, 255.0]).repeat(3, 8, 4))
+    with pytest.raises(ValueError, match="^image holds NaN or infinite values$"):
+        editing.as_image(torch.full((3, 8, 8), float("nan")))
+    x = torch.rand(1, 3, 8, 8) * 0.5 + 0.25                     # a [0, 1]-looking image
+    out, notes = _notes(editing.as_image, x)
+    assert torch.equal(out, x)                                  # read as [-1, 1], unchanged
+    assert len(notes) == 1 and "image * 2 - 1" in notes[0]
+    with pytest.warns(UserWarning, match=r"read as \[-1, 1\]"):
+        editing.as_image(x)
+
+
+def test_integer_images_outside_0_255_and_bool_images_are_refused():
+    with pytest.raises(ValueError, match=re.escape("image: integer images must hold 0..255, found range "
+                                                   "[0, 300]")):
+        editing.as_image(np.array([0, 300]).repeat(96).reshape(8, 8, 3))
+    with pytest.raises(ValueError, match="dtype torch.bool"):
+        editing.as_image(torch.zeros(3, 8, 8, dtype=torch.bool))
+
+
+def test_four_channels_are_refused_because_diffusers_reads_them_as_latents():
+    rgba = torch.rand(1, 4, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 16, 16\) \(4 channels: diffusers would take "
+                                         r"this for latents"):
+        editing.as_image(rgba)
+    assert VaeImageProcessor().preprocess(rgba).shape == (1, 4, 16, 16)   # passed through, no VAE
+    with pytest.raises(ValueError, match=r"got shape \(8, 8, 4\) \(4 channels"):
+        editing.as_image(np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(1, 16, 16, 3\) \(channels last\?"):
+        editing.as_image(torch.zeros(1, 16, 16, 3))
+    with pytest.raises(ValueError, match=r"^image must be a PIL image, a numpy array or a torch tensor, "
+                                         r"got str$"):
+        editing.as_image("cat.png")
+
+
+def test_sizes_not_divisible_by_8_are_refused_with_the_nearest_valid_sizes():
+    with pytest.raises(ValueError, match=re.escape("image is 130x100 (height x width); both must be "
+                                                   "multiples of 8 (the VAE's downsampling factor): crop or "
+                                                   "resize it to 128x96 or 128x104 or 136x96 or 136x104")):
+        editing.as_image(np.zeros((130, 100, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"resize it to 8x16$"):
+        editing.as_image(np.zeros((5, 16, 3), np.uint8))
+    assert editing.as_image(np.zeros((12, 12, 3), np.uint8), multiple=4).shape == (1, 3, 12, 12)
+    with pytest.raises(ValueError, match=r"^mine: every image of a batch must have one size"):
+        editing.as_image([np.zeros((8, 8, 3), np.uint8), np.zeros((16, 8, 3), np.uint8)], name="mine")
+
+
+# ---- as_mask -------------------------------------------------------------------------------------
+
+def _diffusers_mask(pil_l):
+    """What StableDiffusionInpaintPipeline's own mask processor makes of a PIL "L" mask."""
+    proc = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    return proc.preprocess(pil_l, height=pil_l.height, width=pil_l.width)
+
+
+def test_mask_kinds_agree_and_white_is_one():
+    m = np.zeros((16, 24), np.uint8)
+    m[4:12, 8:20] = 255
+    want = torch.from_numpy(m[None, None] / 255.0).float()
+    for mask in (m, PIL.Image.fromarray(m), PIL.Image.fromarray(m).convert("1"), m > 0,
+                 torch.from_numpy(m > 0), torch.from_numpy(m / 255.0), m[..., None], m[None, None]):
+        out, notes = _notes(editing.as_mask, mask, (16, 24))
+        assert torch.equal(out, want) and notes == []
+    torch.testing.assert_close(editing.as_mask(PIL.Image.fromarray(m), (16, 24)),
+                               _diffusers_mask(PIL.Image.fromarray(m)))
+
+
+def test_soft_masks_are_thresholded_at_half_as_diffusers_does():
+    ramp = np.tile(np.linspace(0, 255, 24).round().astype(np.uint8), (16, 1))
+    out, notes = _notes(editing.as_mask, PIL.Image.fromarray(ramp), (16, 24))
+    torch.testing.assert_close(out, _diffusers_mask(PIL.Image.fromarray(ramp)))
+    assert set(out.unique().tolist()) == {0.0, 1.0}
+    assert notes == [f"mask: {16 * 22} soft mask values thresholded at 0.5 (< 0.5 keep, >= 0.5 repaint), "
+                     f"as diffusers' mask processor does"]
+    assert float(editing.as_mask(torch.full((8, 8), 0.5), (8, 8), notes=[]).min()) == 1.0
+    assert float(editing.as_mask(torch.full((8, 8), 0.499), (8, 8), notes=[]).max()) == 0.0
+
+
+def test_bad_masks_name_the_parameter_and_what_was_seen():
+    with pytest.raises(ValueError, match=re.escape("mask is 64x64 (shape (64, 64)) but the image is 128x128")):
+        editing.as_mask(np.zeros((64, 64), np.uint8), (128, 128))
+    with pytest.raises(ValueError, match=re.escape("mask is 128x64 (shape (1, 1, 128, 64)) but the image")):
+        editing.as_mask(torch.zeros(1, 1, 128, 64), (128, 128))
+    with pytest.raises(ValueError, match="holding only 0 and 1 is ambiguous"):
+        editing.as_mask(np.eye(8, dtype=np.uint8), (8, 8))
+    with pytest.raises(ValueError, match=re.escape("mask: float masks must be in [0, 1] (1 = repaint), "
+                                                   "found range [-1, 1]")):
+        editing.as_mask(torch.linspace(-1, 1, 64).reshape(8, 8), (8, 8))
+    with pytest.raises(ValueError, match=re.escape("mask: integer masks must hold 0..255, found range "
+                                                   "[0, 256]")):
+        editing.as_mask(np.array([[0, 256]]), (1, 2))
+    with pytest.raises(ValueError, match="got mode 'RGB'; use mask.convert"):
+        editing.as_mask(PIL.Image.new("RGB", (8, 8)), (8, 8))
+    with pytest.raises(ValueError, match=re.escape("got shape (2, 3, 8, 8)")):
+        editing.as_mask(torch.zeros(2, 3, 8, 8), (8, 8))
+    with pytest.raises(ValueError, match="^size must be"):
+        editing.as_mask(torch.zeros(8, 8), 8)
+
+
+def test_strength_rule_and_steps_arithmetic():
+    assert editing.as_strength(0) == 0.0 and editing.as_strength(1) == 1.0
+    for bad, seen in ((1.3, "1.3"), (-0.1, "-0.1"), (float("nan"), "nan"), ("0.5", "'0.5'")):
+        with pytest.raises(ValueError, match=re.escape(f"strength must be a finite number in [0.0, 1.0], "
+                                                       f"got {seen}")):
+            editing.as_strength(bad)
+    assert [editing.steps_run(25, s) for s in (0, 0.039, 0.04, 0.5, 0.99, 1)] == [0, 0, 1, 12, 24, 25]
+
+
+# ---- img2img and inpaint against the real pipelines ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def img2img_pipe():
+    return ldm.load_pipeline("tiny", task="img2img", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipe():
+    return ldm.load_pipeline("tiny", task="inpaint", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return shapes.render(shapes.sample_scenes(1, seed=10_000, n_objects=1))
+
+
+def test_img2img_equals_the_pipeline_and_runs_the_last_steps(img2img_pipe, scene):
+    pipe = img2img_pipe
+    out = ldm.img2img(pipe, scene, "a big blue circle in the middle", strength=0.5, num_inference_steps=6,
+                      generator=torch.Generator().manual_seed(3))
+    ref = pipe("a big blue circle in the middle", image=(scene + 1) / 2, strength=0.5, num_inference_steps=6,
+               generator=torch.Generator().manual_seed(3), output_type="pt").images * 2 - 1
+    torch.testing.assert_close(out.images, ref)
+    pipe.scheduler.set_timesteps(6)
+    expected, n = pipe.get_timesteps(6, 0.5, "cpu")
+    assert out.timesteps == [int(t) for t in expected] and n == 3 == out.steps_run
+    assert out.notes[-1] == f"ran 3 of 6 steps, from t={int(expected[0])} down to t={int(expected[-1])}"
+
+
+def test_img2img_strength_zero_is_the_vae_round_trip_where_diffusers_fails(img2img_pipe, scene):
+    pipe = img2img_pipe
+    with pytest.raises(RuntimeError):                           # diffusers' own behaviour at 0 steps
+        pipe("a red square", image=(scene + 1) / 2, strength=0.0, num_inference_steps=6, output_type="pt")
+    out = ldm.img2img(pipe, scene, "a red square", strength=0.1, num_inference_steps=6)   # int(0.6) = 0
+    with torch.no_grad():
+        ref = pipe.vae.decode(pipe.vae.encode(scene).latent_dist.mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(out.images, ref)
+    assert out.timesteps == [] and "int(6 * 0.1) = 0 denoising steps" in out.notes[0]
+
+
+def test_img2img_refuses_bad_inputs_before_diffusers(img2img_pipe, inpaint_pipe, scene):
+    with pytest.raises(ValueError, match="^pipe must be a StableDiffusionImg2ImgPipeline .* got "
+                                         "StableDiffusionInpaintPipeline$"):
+        ldm.img2img(inpaint_pipe, scene, "a red square")
+    with pytest.raises(ValueError, match="^strength must be a finite number in"):
+        ldm.img2img(img2img_pipe, scene, "a red square", strength=2)
+    with pytest.raises(ValueError, match="^num_inference_steps must be a positive integer, got 0$"):
+        ldm.img2img(img2img_pipe, scene, "a red square", num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"^image: 2 images and 3 prompts"):
+        ldm.img2img(img2img_pipe, scene.repeat(2, 1, 1, 1), ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"4 channels: diffusers would take this for latents"):
+        ldm.img2img(img2img_pipe, torch.zeros(1, 4, 128, 128), "a red square")
+
+
+def test_inpaint_equals_the_pipeline_and_white_means_repaint(inpaint_pipe, scene):
+    pipe = inpaint_pipe
+    mask = torch.zeros(128, 128)
+    mask[32:96, 32:96] = 1                                      # white square = repaint
+    kw = dict(num_inference_steps=6, generator=torch.Generator().manual_seed(5))
+    out = ldm.inpaint(pipe, scene, mask, "a big red circle in the middle", **kw)
+    ref = pipe("a big red circle in the middle", image=(scene + 1) / 2, mask_image=mask[None, None],
+               num_inference_steps=6, generator=torch.Generator().manual_seed(5), output_type="pt").images * 2 - 1
+    torch.testing.assert_close(out.images, ref)
+    assert pipe.unet.config.in_channels == 9 and "9-channel" in out.notes[0]
+    with torch.no_grad():
+        round_trip = pipe.vae.decode(pipe.vae.encode(scene).latent_dist.mean).sample.clamp(-1, 1)
+    inverted = ldm.inpaint(pipe, scene, 1 - mask, "a big red circle in the middle", num_inference_steps=6,
+                           generator=torch.Generator().manual_seed(5))
+    inside = mask.bool()[None, None].expand_as(scene)
+
+    def change(images, where):
+        return float((images - round_trip).abs()[where].mean())
+
+    # the square changes 5x more when it is white (0.30 against 0.06 mean |difference| on this seed)
+    assert change(out.images, inside) > 3 * change(inverted.images, inside)
+
+
+def test_inpaint_checks_the_mask_against_the_image(inpaint_pipe, img2img_pipe, scene):
+    with pytest.raises(ValueError, match=re.escape("mask is 16x16 (shape (16, 16)) but the image is 128x128")):
+        ldm.inpaint(inpaint_pipe, scene, torch.ones(16, 16), "a red square")
+    with pytest.raises(ValueError, match="^mask: 2 masks for 1 images"):
+        ldm.inpaint(inpaint_pipe, scene, torch.ones(2, 128, 128), "a red square")
+    with pytest.raises(ValueError, match="^pipe must be a StableDiffusionInpaintPipeline"):
+        ldm.inpaint(img2img_pipe, scene, torch.ones(128, 128), "a red square")
+    with pytest.raises(ValueError, match="^padding_mask_crop must be a positive integer, got 0$"):
+        ldm.inpaint(inpaint_pipe, scene, torch.ones(128, 128), "a red square", padding_mask_crop=0)
+
+
+def test_padding_mask_crop_keeps_the_outside_of_the_crop_box(inpaint_pipe, scene):
+    mask = torch.zeros(128, 128)
+    mask[56:72, 56:72] = 1
+    out = ldm.inpaint(inpaint_pipe, scene, mask, "a small red circle in the middle", num_inference_steps=4,
+                      generator=torch.Generator().manual_seed(0), padding_mask_crop=8)
+    box = re.search(r"\(x1, y1, x2, y2\) = \((\d+), (\d+), (\d+), (\d+)\)", out.notes[1])
+    x1, y1, x2, y2 = map(int, box.groups())
+    assert (x1, y1, x2, y2) == (48, 48, 80, 80)                 # the mask's box grown by 8 on each side
+    outside = torch.ones(128, 128, dtype=torch.bool)
+    outside[y1:y2, x1:x2] = False
+    err = (out.images[0][:, outside] - scene[0][:, outside]).abs().max()
+    assert float(err) <= 1 / 127.5 + 1e-6                       # the original, up to 8-bit rounding
