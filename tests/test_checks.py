@@ -156,3 +156,122 @@ def test_committed_results_ship_in_the_package_and_load_by_name():
     for bad in ("", "guidance.json", "../x", None):
         with pytest.raises(ValueError, match="name must be a result's bare name"):
             results.path(bad)
+
+
+# --- mutation-testing follow-ups (benchmarks/mutation.md): each message matched whole, each bound on its edge
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    from ldm_tutorial import tinysd
+
+    return CLIPTokenizer.from_pretrained(tinysd.component_dir("tokenizer"))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: checks.prompts(5, "source_prompt"),
+     "source_prompt must be a string or a non-empty list of strings, got 5"),
+    (lambda: checks.prompts(("a", None)),
+     "prompt must be a string or a non-empty list of strings, got ('a', None)"),
+    (lambda: checks.negative_prompts(["x"], 2),
+     "negative_prompt must be a string or a list of 2 strings (one per prompt), got a list of 1"),
+    (lambda: checks.negative_prompts(("x", "y", "z"), 2, "target_negative"),
+     "target_negative must be a string or a list of 2 strings (one per prompt), got a list of 3"),
+    (lambda: checks.negative_prompts(["x", 1], 2),
+     "negative_prompt must be None, a string or a list of 2 strings, got ['x', 1]"),
+    (lambda: checks.positive_int(-3, "steps"), "steps must be a positive integer, got -3"),
+    (lambda: checks.positive_int(False, "steps"), "steps must be a positive integer, got False"),
+    (lambda: checks.finite_number(None, "eta"), "eta must be a finite number, got None"),
+    (lambda: checks.finite_number(True, "eta"), "eta must be a finite number, got True"),
+    (lambda: checks.finite_number(float("nan"), "eta", 0.0, 1.0), "eta must be a finite number in [0.0, 1.0], got nan"),
+    (lambda: checks.finite_number(2, "eta", 0.0, 1.0), "eta must be a finite number in [0.0, 1.0], got 2.0"),
+    (lambda: checks.finite_number(-1e-9, "eta", 0.0, None), "eta must be a finite number in [0.0, None], got -1e-09"),
+    (lambda: checks.finite_number(5.5, "w", None, 5.0), "w must be a finite number in [None, 5.0], got 5.5"),
+    (lambda: checks.finite_number(torch.tensor(3), "w"), "w must be a finite number, got tensor(3)"),
+    (lambda: checks.finite_number(torch.tensor([1.0, 2.0]), "w"), "w must be a finite number, got tensor([1., 2.])"),
+    (lambda: checks.image_size(True, None, 8, 128),
+     "height must be None (the default, 128) or a positive multiple of vae_scale_factor=8, got True"),
+    (lambda: checks.image_size(64, -8, 8, 128),
+     "width must be None (the default, 128) or a positive multiple of vae_scale_factor=8, got -8"),
+    (lambda: checks.image_size(60, None, 16, 256),
+     "height must be None (the default, 256) or a positive multiple of vae_scale_factor=16, got 60"),
+    (lambda: checks.generators("seed", 2),
+     "generator must be None, a torch.Generator or a list of 2 torch.Generators, got 'seed'"),
+    (lambda: checks.generators([torch.Generator()] * 3, 2),
+     "generator must be one torch.Generator or a list of 2 (one per image), got a list of 3"),
+    (lambda: checks.generators([torch.Generator(), 0], 2, "gen"),
+     "gen must be None, a torch.Generator or a list of 2 torch.Generators, got [<torch._C.Generator object at"),
+    (lambda: checks.interval((1, 2, 3)),
+     "guidance_interval must be None or a pair (low, high) of timesteps, got (1, 2, 3)"),
+    (lambda: checks.interval([500.0, 100.0], "window"), "window must be (low, high) with low <= high, got [500.0, 100.0]"),
+    (lambda: checks.interval((0, float("inf"))), "guidance_interval must be a finite number, got inf"),
+])
+def test_every_check_message_names_the_parameter_and_shows_the_value(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    text = str(info.value)
+    assert text.startswith(message) and (text == message or message.endswith("object at"))
+
+
+def test_values_at_the_edges_are_accepted_in_the_callers_form():
+    assert checks.prompts(("a", "b")) == ["a", "b"] and isinstance(checks.prompts(("a",)), list)
+    assert checks.negative_prompts(None, 3) == ["", "", ""]
+    assert checks.negative_prompts("blurry", 2) == ["blurry", "blurry"]
+    assert checks.negative_prompts(("x", "y"), 2) == ["x", "y"]
+    assert checks.positive_int(1, "n") == 1 and type(checks.positive_int(np.int16(3), "n")) is int
+    assert checks.finite_number(0.0, "eta", 0.0, 1.0) == 0.0 and checks.finite_number(1, "eta", 0.0, 1.0) == 1.0
+    assert type(checks.finite_number(np.float32(2.5), "w")) is float
+    assert checks.finite_number(torch.tensor(0.25, dtype=torch.float64), "w") == 0.25
+    assert checks.image_size(8, 16, 8, 128) == (8, 16) and checks.image_size(None, None, 8, 96) == (96, 96)
+    gens = (torch.Generator(), torch.Generator())
+    assert checks.generators(gens, 2) == list(gens) and checks.generators(gens[0], 5) is gens[0]
+    assert checks.generators(None, 2) is None
+    assert checks.interval(None) is None
+    assert checks.interval([300, 300]) == (300.0, 300.0) and checks.interval((0, 1000.5)) == (0.0, 1000.5)
+
+
+def test_generators_on_two_devices_are_refused():
+    class Elsewhere(torch.Generator):                # a generator that reports another device (no GPU here)
+        @property
+        def device(self):
+            return torch.device("meta")
+
+    with pytest.raises(ValueError) as info:
+        checks.generators([torch.Generator(), Elsewhere()], 2)
+    assert str(info.value) == "generator: every generator must be on the same device, got ['cpu', 'meta']"
+    same = [Elsewhere(), Elsewhere()]
+    assert checks.generators(same, 2) == same
+
+
+def test_long_values_are_cut_to_80_characters_in_messages():
+    assert checks._shown("a" * 78) == repr("a" * 78)                      # 80 characters: kept whole
+    long = "b" * 79                                                         # 81 characters: cut
+    assert checks._shown(long) == repr(long)[:77] + "..." and len(checks._shown(long)) == 80
+    with pytest.raises(ValueError) as info:
+        checks.prompts([1] * 40)
+    assert str(info.value).endswith("got " + repr([1] * 40)[:77] + "...")
+
+
+def test_truncation_warning_names_the_dropped_words():
+    tok = _tokenizer()
+    limit = tok.model_max_length
+    body = ["red"] * (limit - 2)                                # fills the window exactly
+    assert len(tok(" ".join(body)).input_ids) == limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checks.warn_truncation(tok, [" ".join(body)])           # a prompt that fits: silent
+    with pytest.warns(UserWarning) as record:
+        checks.warn_truncation(tok, [" ".join(body + ["blue", "square"])])
+    assert len(record) == 1
+    assert str(record[0].message) == (f"prompt is {limit + 2} tokens long; the text encoder sees {limit} (start and "
+                                      f"end tokens included), so 2 tokens were dropped: 'blue square'")
+    with pytest.warns(UserWarning) as record:
+        checks.warn_truncation(tok, ["a cat", " ".join(body + ["green"])], "negative_prompt")
+    assert len(record) == 1 and str(record[0].message).startswith(f"negative_prompt[1] is {limit + 1} tokens long")
+    assert str(record[0].message).endswith("so 1 tokens were dropped: 'green'")
+    tail = ["circle"] * 40                                        # 40 dropped words: 279 characters
+    with pytest.warns(UserWarning) as record:
+        checks.warn_truncation(tok, [" ".join(body + tail)])
+    shown = " ".join(tail)[:117] + "..."
+    assert str(record[0].message).endswith(f"so 40 tokens were dropped: {shown!r}")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
 import ldm_tutorial as ldm
 from ldm_tutorial.sampling import sample
@@ -45,8 +46,6 @@ def test_trajectory_and_bad_inputs(pipe):
 
 
 def test_flux_sigmas_make_every_flow_step_a_real_step(pipe):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
-
     assert ldm.flux_sigmas(4) == pytest.approx([1.0, 0.75, 0.5, 0.25])
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     sched.set_timesteps(4)
