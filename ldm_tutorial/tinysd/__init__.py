@@ -11,6 +11,8 @@ DDIMScheduler, AutoencoderTiny), saved in diffusers/transformers folder layout a
     weights/tinyclip/         the whole tiny CLIPModel (text + vision towers) and tokenizer
     weights/tinysd-scaling/   two small U-Nets trained on scaled and on raw latents (scaling-factor
                               chapter), each with a log.json
+    weights/tinysd-conditioning/  small U-Nets conditioned on the pooled text vector only
+                              (cross-attention chapter's control), each with a log.json
     weights/training_log.json how each was trained (steps, seconds, device)
 """
 
@@ -153,6 +155,39 @@ def load_scaling_unet(variant: str, device="cpu", weights_dir: Path | None = Non
     with quiet_loading():
         unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(dtype or torch.float32))
     return unet.to(device).eval(), float(log["decode_scaling_factor"])
+
+
+CONDITIONING_ARMS = ("cross", "pooled", "pooled-token")
+
+
+def load_conditioning_unet(arm: str, device="cpu", weights_dir: Path | None = None, dtype=None):
+    """(UNet2DConditionModel, log dict) of the cross-attention chapter's controlled comparison.
+
+    Three small U-Nets (`configs.UNET_PRESETS["small"]`) trained with one command, data, seeds and
+    step count, differing only in how the text enters: "cross" (all 77 token states through
+    cross-attention; the scaling comparison's "scaled" U-Net), "pooled" (no attention blocks; the
+    text encoder's pooled output added to the time embedding through class_embed_type="projection":
+    pass it as `class_labels=`), "pooled-token" (the cross arm's blocks, fed the pooled vector as
+    the only key: `encoder_hidden_states` of shape (B, 1, 128)).
+    """
+    import json  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+    if arm not in CONDITIONING_ARMS:
+        raise ValueError(f"arm must be one of {list(CONDITIONING_ARMS)}, got {arm!r}")
+    base = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    root = base / "tinysd-scaling" / "scaled" if arm == "cross" else base / "tinysd-conditioning" / arm
+    if not (root / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"the {arm!r} conditioning U-Net is not shipped at {root}; train it with "
+                                f"`python -m ldm_tutorial.tinysd.train unet --unet-preset small "
+                                f"--conditioning {arm} --out <a copy of weights/>`")
+    log = json.loads((root / "log.json").read_text())
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", **dtype_kwargs(dtype or torch.float32))
+    return unet.to(device).eval(), log
 
 
 def scaling_comparison(pipe=None, weights_dir: Path | None = None) -> dict:

@@ -39,6 +39,7 @@ STAGES = ("clip", "vae", "unet", "inpaint", "taesd", "flow")
 COSINE_STAGES = ("unet", "inpaint", "flow")       # the stages whose learning rate can decay (--cosine)
 LR_SCHEDULES = ("constant", "cosine")             # the U-Net stages' schedules after warm-up (learning_rate)
 LATENT_SCALES = ("config", "none")                # unet: latents times the VAE's scaling_factor, or raw (times 1)
+CONDITIONINGS = ("cross", "pooled", "pooled-token")  # unet comparison runs: how the text enters (train_unet)
 DEFAULT_OUT = Path(__file__).parent / "weights"
 
 
@@ -489,7 +490,8 @@ def learning_rate(base: float, step: int, warmup: int, frac: float, schedule: st
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
                drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon",
                init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300,
-               lr_schedule: str = "constant", latent_scale: str = "config", unet_preset: str = "default") -> dict:
+               lr_schedule: str = "constant", latent_scale: str = "config", unet_preset: str = "default",
+               conditioning: str = "cross") -> dict:
     """Epsilon-prediction training on pre-encoded latents with 10% caption dropout (for CFG).
 
     objective="flow": the same U-Net, data and text encoder trained as a rectified flow instead
@@ -511,7 +513,16 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     comparison run: a fresh text U-Net against the text encoder already in `ctx.out` (not
     re-exported), exported to `tinysd-scaling/{scaled,unscaled}/unet` with a `log.json` beside it
     (the loss every 10 steps, and the scaling factor its samples must be decoded with).
+    conditioning (the cross-attention chapter's control, a comparison run with a unet_preset):
+    "cross" feeds all 77 token states to cross-attention (SD's recipe); "pooled" builds the preset
+    without attention blocks (DownBlock2D/UpBlock2D, UNetMidBlock2D) and adds the text encoder's
+    pooled output (CLIP's: the final hidden state at the end token) to the time embedding through
+    diffusers' class_embed_type="projection"; "pooled-token" keeps the preset's blocks and feeds
+    that pooled vector as the only key (cross-attention then adds the same vector everywhere).
+    Either is exported to `tinysd-conditioning/<conditioning>/unet` with its log.json.
     """
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
     learning_rate(lr, 0, warmup, 0.0, lr_schedule)        # a bad schedule fails here, before any setup
     if latent_scale not in LATENT_SCALES:
         raise ValueError(f"latent_scale must be one of {LATENT_SCALES}, got {latent_scale!r}")
@@ -525,6 +536,10 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     if objective not in ("epsilon", "flow") or (inpaint and objective != "epsilon"):
         raise ValueError(f"objective must be 'epsilon' or 'flow' (flow without inpaint), got {objective!r}")
     name = "inpaint" if inpaint else ("flow" if objective == "flow" else "unet")
+    if conditioning != "cross" and not comparison:
+        raise ValueError(f"conditioning {conditioning!r} is for a comparison run: give unet_preset (e.g. 'small')")
+    if conditioning != "cross":
+        comparison = f"unet-conditioning-{conditioning}" + ("" if unet_preset == "small" else f"-{unet_preset}")
     name = comparison or name                 # its own checkpoint name: never resumes another run
     torch.manual_seed(ctx.seed + (7 if inpaint else 5))
     if name == "unet" and not init_from_shipped and not (ctx.ckpt_dir / "unet.pt").exists():
@@ -554,6 +569,11 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
 
         unet = UNet2DConditionModel.from_pretrained(ctx.out / "tinysd" / "unet", torch_dtype=torch.float32)
         print(f"[{name}] starting from the shipped epsilon U-Net's weights", flush=True)
+    elif conditioning == "pooled":
+        n = len(configs.UNET["block_out_channels"])
+        unet = configs.new_unet(**preset, down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+                                mid_block_type="UNetMidBlock2D", class_embed_type="projection",
+                                projection_class_embeddings_input_dim=te.config.hidden_size)
     else:
         unet = configs.new_unet(**preset)
     unet.to(ctx.device).train()
@@ -595,7 +615,13 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         dropped = torch.from_numpy(rng.random(batch) < drop_prob).to(bank.device)
         ids = torch.where(dropped[:, None], empty_ids, ids).long()   # caption dropout: the empty prompt
         with torch.no_grad(), ctx.autocast:
-            cond = te(ids).last_hidden_state
+            enc = te(ids)
+            cond = enc.last_hidden_state
+        extra = {}
+        if conditioning == "pooled":                 # dropped captions get the empty prompt's pooled vector
+            extra = {"class_labels": enc.pooler_output.float()}
+        elif conditioning == "pooled-token":
+            cond = enc.pooler_output[:, None, :]
         noise = torch.randn_like(z0)
         if objective == "flow":
             sigma = torch.sigmoid(torch.randn(batch, device=ctx.device))     # logit-normal(0, 1), SD3's default
@@ -621,7 +647,7 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         for g in opt.param_groups:
             g["lr"] = learning_rate(lr, step, warmup, budget.frac(step), lr_schedule)
         with ctx.autocast:
-            pred = unet(inp, t, encoder_hidden_states=cond.float()).sample
+            pred = unet(inp, t, encoder_hidden_states=cond.float(), **extra).sample
             loss = F.mse_loss(pred.float(), target)
         optimiser_step(opt, loss, clip_params=unet.parameters())
         ema.update(unet, step)
@@ -638,7 +664,8 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             "scaling_factor_trained_with": sf, "first_batch_z0_std": z0_std, "warmup": warmup,
             "batch": batch, "lr": lr,
             "n_scenes": ctx.n_scenes, "parameters": sum(p.numel() for p in ema.shadow.parameters()),
-            **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {})}, losses)
+            **({"lr_schedule": lr_schedule} if lr_schedule != "constant" else {}),
+            **({"conditioning": conditioning} if conditioning != "cross" else {})}, losses)
     _save_fp16(ema.shadow, ctx.out / {"unet": "tinysd", "inpaint": "tinysd-inpaint", "flow": "tinysd-flow"}[name] / "unet")
     if name == "flow":
         from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
@@ -669,6 +696,9 @@ def _export_scaling_run(ctx: Ctx, unet, latent_scale: str, unet_preset: str, sf:
     """Write a comparison U-Net to tinysd-scaling/<variant>/unet (float16) and its log.json beside it."""
     variant = "scaled" if latent_scale == "config" else "unscaled"
     folder = ctx.out / "tinysd-scaling" / (variant if unet_preset == "small" else f"{variant}-{unet_preset}")
+    if res.get("conditioning", "cross") != "cross":
+        c = res["conditioning"]
+        folder = ctx.out / "tinysd-conditioning" / (c if unet_preset == "small" else f"{c}-{unet_preset}")
     _save_fp16(unet, folder / "unet")
     how = (f"decode with the VAE's scaling_factor ({sf:g}), as TinySD does" if latent_scale == "config" else
            "trained on raw latents: sample with a VAE whose scaling_factor is 1.0 "
@@ -780,7 +810,10 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
     print(f"== {stage} on {ctx.device} ==", flush=True)
     res = fn(ctx, budget, **kw)
     params = inspect.signature(train_unet if stage in ("inpaint", "flow") else fn).parameters
-    if scaling_run_name(kw.get("latent_scale", "config"), kw.get("unet_preset", "default")):
+    if kw.get("conditioning", "cross") != "cross":
+        stage = f"unet-conditioning-{kw['conditioning']}" + ("" if kw.get("unet_preset") == "small"
+                                                              else f"-{kw.get('unet_preset')}")
+    elif scaling_run_name(kw.get("latent_scale", "config"), kw.get("unet_preset", "default")):
         stage = scaling_run_name(kw.get("latent_scale", "config"), kw.get("unet_preset", "default"))
     elif kw.get("decoder_only"):
         stage = "vae-decoder-finetune"
@@ -848,11 +881,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-preset", choices=tuple(configs.UNET_PRESETS), default="default",
                    help="unet: the U-Net's size (configs.UNET_PRESETS; small: 1.0M parameters)")
     p.add_argument("--warmup", type=int, default=None, help="unet / inpaint / flow: learning-rate warm-up steps")
+    p.add_argument("--conditioning", choices=CONDITIONINGS, default="cross",
+                   help="unet with --unet-preset: how the text enters (cross: 77 tokens to cross-attention; pooled: "
+                        "the pooled vector added to the time embedding, no attention blocks; pooled-token: the "
+                        "pooled vector as the only cross-attention key); exported to tinysd-conditioning/<it>/")
     a = p.parse_args(argv)
     if a.cosine and a.stage not in COSINE_STAGES + ("all",):
         p.error(f"--cosine is for the stages {COSINE_STAGES} (or 'all'), not {a.stage!r}")
     if (a.latent_scale != "config" or a.unet_preset != "default") and a.stage != "unet":
         p.error(f"--latent-scale / --unet-preset are for the stage 'unet', not {a.stage!r}")
+    if a.conditioning != "cross" and (a.stage != "unet" or a.unet_preset == "default"):
+        p.error("--conditioning pooled / pooled-token is for the stage 'unet' with --unet-preset (a comparison run)")
     if a.warmup is not None and a.stage not in COSINE_STAGES:
         p.error(f"--warmup is for the stages {COSINE_STAGES}, not {a.stage!r}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -904,6 +943,8 @@ def stage_kwargs(a: argparse.Namespace, stage: str) -> dict:
     scale, preset = getattr(a, "latent_scale", "config"), getattr(a, "unet_preset", "default")
     if stage == "unet" and scaling_run_name(scale, preset):
         kw.update(latent_scale=scale, unet_preset=preset)
+    if stage == "unet" and getattr(a, "conditioning", "cross") != "cross":
+        kw["conditioning"] = a.conditioning
     if getattr(a, "warmup", None) is not None and stage in COSINE_STAGES:
         kw["warmup"] = a.warmup
     return kw
