@@ -6,6 +6,7 @@ are built only when a function is called. The `tinysd` subpackage is imported la
 """
 from . import metrics, results, schedules, vae_lab
 from . import guidance
+from . import attention
 from . import editing
 from .editing import img2img, inpaint
 from . import inversion
@@ -28,6 +29,7 @@ __all__ = [
     "attention_matrix_bytes", "attention_sites", "attention_table", "build_on_meta", "count_parameters",
     "check_latent_health", "LatentHealth",
     "guidance",
+    "attention",
     "editing", "img2img", "inpaint",
     "inversion", "invert", "slerp",
     "describe_runtime", "family_table", "metrics", "results", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",

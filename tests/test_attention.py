@@ -1,0 +1,181 @@
+"""ldm_tutorial.attention: capture, maps, token positions and Prompt-to-Prompt edits (chapter 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ldm_tutorial import attention as A
+from ldm_tutorial import tinysd
+from ldm_tutorial.tinysd import configs
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return configs.new_unet(**configs.unet_preset("small")).eval()      # heads 2, attention at 16 and 8
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tinysd.component_dir("tokenizer"))
+
+
+def _inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 16, 16, generator=g), torch.tensor(500),
+            torch.randn(batch, 77, configs.TEXT_WIDTH, generator=g))
+
+
+@torch.no_grad()
+def test_captured_shapes_per_layer_and_calls(unet):
+    x, t, text = _inputs()
+    with A.capture_cross_attention(unet) as store:
+        unet(x, t, encoder_hidden_states=text)
+        unet(x, t, encoder_hidden_states=text)
+    # small preset: cross-attention at 16x16 (down 0, up 2 twice), 8x8 (down 1, up 1 twice), 4x4 (mid)
+    sides = sorted(store.side.values())
+    assert sides == [4, 8, 8, 8, 16, 16, 16]
+    assert store.steps == 2 and all(len(v) == 2 for v in store.probs.values())
+    for name, calls in store.probs.items():
+        assert name.endswith("attn2")                                   # self-attention is not captured
+        assert calls[0].shape == (2, 2, store.side[name] ** 2, 77)
+
+
+@torch.no_grad()
+def test_probabilities_sum_to_one_over_tokens_and_maps_add_up(unet):
+    x, t, text = _inputs()
+    with A.capture_cross_attention(unet) as store:
+        unet(x, t, encoder_hidden_states=text)
+    for calls in store.probs.values():
+        s = calls[0].sum(-1)
+        torch.testing.assert_close(s, torch.ones_like(s))
+    maps = A.token_maps(store, size=32)
+    assert maps.shape == (2, 77, 32, 32)
+    # bilinear upsampling keeps each pixel's sum over tokens: 7 layers x 2 heads x 1 call
+    torch.testing.assert_close(maps.sum(1), torch.full((2, 32, 32), 14.0))
+    one = A.token_maps(store, size=32, batch_index=1, normalise=True)
+    assert one.shape == (1, 77, 32, 32)
+    torch.testing.assert_close(one.flatten(2).amax(-1), torch.ones(1, 77))
+
+
+@torch.no_grad()
+def test_capture_matches_diffusers_and_restores_processors_bit_identically(unet):
+    x, t, text = _inputs()
+    before_procs = dict(unet.attn_processors)
+    ref = unet(x, t, encoder_hidden_states=text).sample
+    with A.capture_cross_attention(unet, batch_slice=slice(1, None)) as store:
+        during = unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(during, ref, atol=1e-5, rtol=1e-4)
+    assert all(v[0].shape[0] == 1 for v in store.probs.values())       # only the kept half
+    assert dict(unet.attn_processors) == before_procs                  # the very same objects
+    assert torch.equal(unet(x, t, encoder_hidden_states=text).sample, ref)
+    with pytest.raises(RuntimeError, match="boom"):                    # restored after an error too
+        with A.capture_cross_attention(unet):
+            raise RuntimeError("boom")
+    assert dict(unet.attn_processors) == before_procs
+
+
+@torch.no_grad()
+def test_written_out_layer_equals_diffusers_attention(unet):
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(3)
+    h, text = torch.randn(2, 256, 32, generator=g), torch.randn(2, 77, configs.TEXT_WIDTH, generator=g)
+    out, probs = A.written_out_cross_attention(attn, h, text)
+    torch.testing.assert_close(out, attn(h, encoder_hidden_states=text))
+    assert probs.shape == (2, attn.heads, 256, 77)
+
+
+def test_token_index_finds_words_and_names_missing_ones(tok):
+    prompt = "a red circle on the left"
+    assert A.token_index(tok, prompt, "a") == [1]                     # position 0 is the start token
+    assert A.token_index(tok, prompt, "circle") == [3]
+    assert A.token_index(tok, prompt, "left") == [6]
+    with pytest.raises(ValueError, match=r"word 'square' is not in the prompt 'a red circle on the left'"):
+        A.token_index(tok, prompt, "square")
+    with pytest.raises(ValueError, match="word must be a non-empty string"):
+        A.token_index(tok, prompt, " ")
+
+
+@torch.no_grad()
+def test_clear_errors(unet):
+    x, t, text = _inputs()
+    with pytest.raises(ValueError, match="store is empty"):
+        A.token_maps(A.CrossAttentionStore())
+    with pytest.raises(ValueError, match="batch_slice must be a slice"):
+        A.capture_cross_attention(unet, batch_slice=1)
+    with pytest.raises(ValueError, match=r"token index must be in 0\.\.76, got 77"):
+        with A.prompt_to_prompt(unet, reweight={77: 2.0}):
+            unet(x, t, encoder_hidden_states=text)
+    with pytest.raises(ValueError, match="need inject"):
+        A.prompt_to_prompt(unet, keep_own=[3])
+    with A.capture_cross_attention(unet) as store:
+        unet(x, t, encoder_hidden_states=text)
+    with pytest.raises(ValueError, match=r"step must be in 0\.\.0, got 1"):
+        A.token_maps(store, steps=[1])
+    with pytest.raises(ValueError, match="layers must name captured layers"):
+        A.token_maps(store, layers=["mid_block"])
+    plain = configs.new_unet(**configs.unet_preset("small"), down_block_types=("DownBlock2D",) * 3,
+                             up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D")
+    with pytest.raises(ValueError, match="unet must have cross-attention layers"):
+        with A.capture_cross_attention(plain):
+            pass
+
+
+@torch.no_grad()
+def test_prompt_to_prompt_reweights_and_injects(unet):
+    x, t, text = _inputs()
+    ref = unet(x, t, encoder_hidden_states=text).sample
+    with A.prompt_to_prompt(unet, reweight={3: 1.0}):
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=text).sample, ref, atol=1e-5, rtol=1e-4)
+    rec = A.CrossAttentionStore()
+    with A.prompt_to_prompt(unet, reweight={3: 0.0, 4: 2.0}, store=rec):
+        changed = unet(x, t, encoder_hidden_states=text).sample
+    assert (changed - ref).abs().max() > 1e-3                          # the edit reaches the output
+    with A.capture_cross_attention(unet) as plain:
+        unet(x, t, encoder_hidden_states=text)
+    first = rec.layers[0]                        # later layers see features the edit already changed
+    assert first.startswith("down_blocks.0")
+    for name in rec.layers:
+        assert rec.probs[name][0][..., 3].abs().max() == 0
+    torch.testing.assert_close(rec.probs[first][0][..., 4], 2 * plain.probs[first][0][..., 4])
+    # word swap: another prompt's run, with the source's maps for every token but position 3
+    other = text.clone()
+    other[:, 3] = torch.randn(2, configs.TEXT_WIDTH, generator=torch.Generator().manual_seed(9))
+    got = A.CrossAttentionStore()
+    with A.prompt_to_prompt(unet, inject=plain, keep_own=[3], store=got):
+        unet(x, t, encoder_hidden_states=other)
+    with A.capture_cross_attention(unet) as own:
+        unet(x, t, encoder_hidden_states=other)
+    for name in got.layers:
+        torch.testing.assert_close(got.probs[name][0][..., :3], plain.probs[name][0][..., :3])
+        torch.testing.assert_close(got.probs[name][0][..., 4:], plain.probs[name][0][..., 4:])
+    torch.testing.assert_close(got.probs[first][0][..., 3], own.probs[first][0][..., 3])
+    assert not torch.allclose(own.probs[first][0][..., 5], plain.probs[first][0][..., 5])
+
+
+def test_pooled_conditioning_run_exports_a_unet_without_attention(tmp_path):
+    from ldm_tutorial.tinysd import train
+
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        train.train_unet(None, None, conditioning="mean")
+    out = tmp_path / "w"
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(tinysd.WEIGHTS_DIR / "tinysd" / sub, out / "tinysd" / sub)
+    train.main(["unet", "--unet-preset", "small", "--conditioning", "pooled", "--n-scenes", "16", "--batch", "4",
+                "--steps", "1", "--out", str(out), "--ckpt-dir", str(tmp_path / "ck")])
+    unet, log = tinysd.load_conditioning_unet("pooled", weights_dir=out)
+    assert log["conditioning"] == "pooled" and log["steps"] == 1
+    assert unet.config.class_embed_type == "projection" and not A.cross_attention_layers(unet)
+    assert unet.config.projection_class_embeddings_input_dim == configs.TEXT_WIDTH
+    assert 0.6e6 < sum(p.numel() for p in unet.parameters()) < 0.8e6    # the cross arm has 1.02M
+    assert "unet-conditioning-pooled" in json.loads((out / "training_log.json").read_text())
+    with pytest.raises(ValueError, match="arm must be one of"):
+        tinysd.load_conditioning_unet("mean")
+    with pytest.raises(FileNotFoundError, match="--conditioning pooled-token"):
+        tinysd.load_conditioning_unet("pooled-token", weights_dir=out)
