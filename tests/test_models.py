@@ -108,3 +108,185 @@ def test_hub_failure_after_the_probe_is_one_clear_error(monkeypatch, no_cuda):
     assert "cannot load 'sd15' (stable-diffusion-v1-5/stable-diffusion-v1-5) from the Hub" in message
     assert "download failed (OSError: " in message and "load_pipeline('tiny') to run offline" in message
     assert len(message) < 700 and isinstance(info.value.__cause__, OSError)
+
+
+# --- mutation-testing follow-ups (benchmarks/mutation.md)
+
+
+class _FakeHubPipeline:
+    """Stands in for a diffusers pipeline class: records what load_pipeline asks the Hub for."""
+
+    calls: list = []
+    error: Exception | None = None
+
+    @classmethod
+    def from_pretrained(cls, repo_id, **kwargs):
+        cls.calls.append((cls.__name__, repo_id, kwargs))
+        if cls.error is not None:
+            raise cls.error
+        return cls()
+
+    def to(self, device):
+        self.device = device
+        return self
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar = kwargs
+
+
+class _FakeText2Img(_FakeHubPipeline):
+    pass
+
+
+class _FakeInpaint(_FakeHubPipeline):
+    pass
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The Hub "reachable" and diffusers' pipeline classes replaced by recorders (nothing is downloaded)."""
+    _FakeHubPipeline.calls, _FakeHubPipeline.error = [], None
+    monkeypatch.setattr(models, "hub_available", lambda *a, **k: True)
+    monkeypatch.setattr(models, "_pipeline_class", lambda task: {"text2img": _FakeText2Img,
+                                                                  "inpaint": _FakeInpaint}[task])
+    return _FakeHubPipeline.calls
+
+
+def test_a_hub_model_on_the_cpu_is_loaded_in_float32_without_the_fp16_variant(fake_hub, no_cuda, capsys):
+    pipe = ldm.load_pipeline("sd15", device="cpu")
+    expected = {**models.dtype_kwargs(torch.float32), "safety_checker": None, "requires_safety_checker": False}
+    assert fake_hub == [("_FakeText2Img", "stable-diffusion-v1-5/stable-diffusion-v1-5", expected)]
+    assert pipe.device == torch.device("cpu") and pipe.progress_bar == {"disable": True}
+    assert pipe.ldm_source == "sd15 (stable-diffusion-v1-5/stable-diffusion-v1-5, float32)"
+    assert capsys.readouterr().out == (
+        "load_pipeline: warning: sd15 in float32 on CPU takes minutes per image; 'tiny' takes a second\n"
+        "load_pipeline: sd15 (stable-diffusion-v1-5/stable-diffusion-v1-5, float32) (asked for by name)\n")
+
+
+def test_a_hub_model_in_float16_asks_for_the_fp16_weight_files(fake_hub, no_cuda, capsys):
+    ldm.load_pipeline("sd15-inpaint", task="inpaint", device="cpu", dtype=torch.float16, verbose=False)
+    expected = {**models.dtype_kwargs(torch.float16), "safety_checker": None, "requires_safety_checker": False,
+                "variant": "fp16"}
+    assert fake_hub == [("_FakeInpaint", "stable-diffusion-v1-5/stable-diffusion-inpainting", expected)]
+    assert "minutes per image" in capsys.readouterr().out             # still the CPU warning
+
+
+def test_auto_takes_sd15_with_cuda_and_the_hub_and_says_why(fake_hub, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # no GPU is touched: the class is a fake
+    pipe = ldm.load_pipeline(task="inpaint")
+    assert pipe.device == torch.device("cuda")
+    assert fake_hub[0][1] == "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    assert fake_hub[0][2] == {**models.dtype_kwargs(torch.float16), "safety_checker": None,
+                              "requires_safety_checker": False, "variant": "fp16"}
+    assert capsys.readouterr().out == ("load_pipeline: sd15-inpaint (stable-diffusion-v1-5/stable-diffusion-inpainting,"
+                                       " float16) (CUDA and the Hub are available)\n")        # no CPU warning
+    ldm.load_pipeline("sd15", device="cpu", verbose=False)                   # the asked-for device wins
+    assert fake_hub[-1][2]["dtype" if "dtype" in fake_hub[-1][2] else "torch_dtype"] == torch.float32
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("bad handshake\nsecond line", "bad handshake"),
+    ("", ""),
+    ("x" * 300, "x" * 200),
+])
+def test_a_failed_hub_download_shows_the_first_line_of_the_error(fake_hub, no_cuda, message, shown):
+    _FakeHubPipeline.error = OSError(message)
+    with pytest.raises(RuntimeError) as info:
+        ldm.load_pipeline("sd15", device="cpu", verbose=False)
+    assert str(info.value) == (
+        "cannot load 'sd15' (stable-diffusion-v1-5/stable-diffusion-v1-5) from the Hub: huggingface.co accepted a "
+        f"connection, but the download failed (OSError: {shown}). A proxy or firewall that breaks HTTPS does this. "
+        "Use load_pipeline('tiny') to run offline.")
+    assert info.value.__cause__ is _FakeHubPipeline.error
+
+
+@pytest.mark.parametrize("name, task, message", [
+    ("sd15", "inpaint", "'sd15' does not support task='inpaint' (it supports ('text2img', 'img2img')); "
+                        "for inpaint use 'sd15-inpaint' or 'tiny'"),
+    ("sd15-inpaint", "img2img", "'sd15-inpaint' does not support task='img2img' (it supports ('inpaint',)); "
+                                "for img2img use 'sd15' or 'tiny'"),
+    ("sdxl-base", "text2img", "load_pipeline loads SD 1.5-style pipelines; for 'sdxl-base' use diffusers' "
+                              "DiffusionPipeline.from_pretrained('stabilityai/stable-diffusion-xl-base-1.0') directly"),
+])
+def test_hub_models_it_cannot_load_are_refused_before_any_download(fake_hub, no_cuda, name, task, message):
+    with pytest.raises(ValueError) as info:
+        ldm.load_pipeline(name, task=task, device="cpu", verbose=False)
+    assert str(info.value) == message and fake_hub == []
+
+
+def test_offline_hub_model_error_names_the_model_and_the_reason(offline, no_cuda):
+    with pytest.raises(RuntimeError) as info:
+        ldm.load_pipeline("sd15", device="cpu")
+    assert str(info.value) == ("cannot load 'sd15' (stable-diffusion-v1-5/stable-diffusion-v1-5): the Hub is offline "
+                               "(HF_HUB_OFFLINE=1). Use load_pipeline('tiny') to run offline.")
+
+
+def test_auto_choice_gives_its_reasons(monkeypatch):
+    monkeypatch.setattr(models, "hub_reason", lambda *a, **k: "offline (test)")
+    monkeypatch.setattr(models, "hub_available", lambda *a, **k: False)
+    assert models._auto_choice("text2img", torch.device("cpu")) == ("tiny", "offline (test); no CUDA")
+    assert models._auto_choice("text2img", torch.device("cuda")) == ("tiny", "offline (test)")
+    monkeypatch.setattr(models, "hub_available", lambda *a, **k: True)
+    assert models._auto_choice("img2img", torch.device("cpu")) == ("tiny", "no CUDA")
+    assert models._auto_choice("img2img", torch.device("cuda")) == ("sd15", "CUDA and the Hub are available")
+
+
+def test_load_pipeline_defaults_to_auto_text2img_and_says_what_it_loaded(offline, no_cuda, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = ldm.load_pipeline()
+    assert type(pipe) is StableDiffusionPipeline and pipe.ldm_source == "TinySD"
+    assert capsys.readouterr().out == "load_pipeline: TinySD (offline (HF_HUB_OFFLINE=1); no CUDA)\n"
+    ldm.load_pipeline("tinysd")
+    assert capsys.readouterr().out == "load_pipeline: TinySD (asked for by name)\n"
+
+
+def test_each_task_gets_its_pipeline_class_and_unet(no_cuda):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    img2img = ldm.load_pipeline("tiny", task="img2img", verbose=False)
+    assert type(img2img) is StableDiffusionImg2ImgPipeline and img2img.unet.config.in_channels == 4
+    with pytest.warns(UserWarning, match="float16"):
+        inpaint = ldm.load_pipeline("tiny", task="inpaint", dtype="float16", verbose=False)
+    assert type(inpaint) is StableDiffusionInpaintPipeline
+    assert inpaint.unet.config.in_channels == 9                     # image latents 4 + mask 1 + masked latents 4
+    assert inpaint.unet.dtype == torch.float16 and inpaint.vae.dtype == torch.float16
+
+
+def test_tiny_in_float32_warns_nothing_and_shows_no_progress_bar(no_cuda, capfd):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = ldm.load_pipeline("tiny", device="cpu", verbose=False)
+    assert not [w for w in caught if "load_pipeline" in str(w.message)]
+    capfd.readouterr()
+    pipe("a red cross", num_inference_steps=2, output_type="latent")
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "%|" not in err                   # tqdm draws neither
+
+
+def test_missing_tinysd_weights_say_to_reinstall(monkeypatch):
+    from ldm_tutorial import tinysd
+
+    monkeypatch.setattr(tinysd, "pipeline_dir", lambda task="text2img": None)
+    with pytest.raises(FileNotFoundError) as info:
+        ldm.load_pipeline("tiny", verbose=False)
+    assert str(info.value) == (f"TinySD's weights are missing from {tinysd.WEIGHTS_DIR}: the package install is "
+                               f"incomplete; reinstall ldm_tutorial (they ship inside it)")
+
+
+def test_the_torchvision_notice_filter_is_added_once_and_drops_only_that_notice(monkeypatch):
+    import logging
+
+    log = logging.getLogger("transformers.utils.import_utils")
+    monkeypatch.setattr(log, "filters", [logging.Filter("someone.else")])
+    models._quiet_torchvision_fallback()
+    models._quiet_torchvision_fallback()
+    ours = [f for f in log.filters if getattr(f, "_ldm_torchvision", False)]
+    assert len(ours) == 1 and len(log.filters) == 2
+
+    def record(msg):
+        return logging.LogRecord(log.name, logging.WARNING, __file__, 1, msg, None, None)
+
+    notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    assert ours[0].filter(record(notice)) is False
+    assert ours[0].filter(record("some other warning")) is True
