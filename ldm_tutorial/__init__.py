@@ -11,6 +11,7 @@ from . import editing
 from .editing import img2img, inpaint
 from . import inversion
 from .inversion import invert, slerp
+from . import perf
 from .arch import (CONFIGS, FAMILY, JointAttentionWrittenOut, attention_matrix_bytes, attention_sites, attention_table,
                    build_on_meta, count_parameters, family_table, record_attention, sdxl_pipelines,
                    tiny_sd3_transformer, tiny_sdxl_components, tiny_sdxl_pipelines, tiny_sdxl_refiner_components)
@@ -32,6 +33,7 @@ __all__ = [
     "attention",
     "editing", "img2img", "inpaint",
     "inversion", "invert", "slerp",
+    "perf",
     "describe_runtime", "family_table", "metrics", "results", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
     "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "sigmas_for", "SampleOutput", "schedules",
     "sdxl_pipelines", "seed_everything",
