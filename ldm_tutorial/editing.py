@@ -621,7 +621,7 @@ def inpaint_compare(inpaint_pipe, text_pipe, scenes: list, targets: list, masks:
     outside = masks < 0.5
     ceiling = psnr(round_trip(inpaint_pipe, source), source, mask=outside)
     out = {"n": len(scenes), "steps": num_inference_steps, "guidance_scale": guidance_scale,
-           "feather_px": feather, "seam_ratio_source": float(seam_ratio(source, masks).median()),
+           "feather_px": feather, "seam_ratio_source": float(torch.nanmedian(seam_ratio(source, masks))),
            "seam_energy_source": float(seam_energy(source, masks).median()), "mask_share": float(masks.mean()),
            "psnr_outside_round_trip_db": float(ceiling.mean()), "methods": {}}
     for name, images in runs.items():
@@ -633,7 +633,7 @@ def inpaint_compare(inpaint_pipe, text_pipe, scenes: list, targets: list, masks:
                "new_object_present": float(np.mean(new_obj)),
                "psnr_outside_db": float(pout.mean()),
                "outside_exact": bool(((images - source).abs() * outside).max() == 0),
-               "seam_ratio": float(seam_ratio(images, masks).median()),
+               "seam_ratio": float(torch.nanmedian(seam_ratio(images, masks))),
                "seam_energy": float(seam_energy(images, masks).median())}
         if keep_images:
             row["images"] = images
@@ -749,6 +749,23 @@ def edit_targets(scenes: list, kind: str, seed: int = SWEEP_SEED) -> list:
     return [fn(s, rng) for s in scenes]
 
 
+def inpaint_targets(scenes: list, images: torch.Tensor, seed: int = SWEEP_SEED + 10) -> list:
+    """For each scene, the target of the inpainting comparison: the object `object_mask` covers
+    (the parser's largest) replaced by one of another colour and shape, listed first."""
+    from .tinysd import parser  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    targets = []
+    for sc, im in zip(scenes, images):
+        big = parser.parse_scene(im)[0]
+        idx = next(j for j, o in enumerate(sc.objects)
+                   if (o.colour, o.shape, o.position) == (big.colour, big.shape, big.position))
+        tgt = replaced(sc, rng, idx)
+        tgt.objects.insert(0, tgt.objects.pop(idx))
+        targets.append(tgt)
+    return targets
+
+
 def run_sweep(n_strength: int = 16, n_inpaint: int = 24, n_outpaint: int = 6, steps: int = 25,
               progress: bool = True) -> dict:
     """Every committed measurement of chapter 6 (results/image_editing.json)."""
@@ -771,17 +788,7 @@ def run_sweep(n_strength: int = 16, n_inpaint: int = 24, n_outpaint: int = 6, st
     scenes2 = sweep_scenes(n_inpaint, counts=(2,), seed=SWEEP_SEED + 10)
     source = shapes.render(scenes2)
     masks = torch.cat([object_mask(source[i:i + 1]) for i in range(len(scenes2))])
-    # the parser sorts objects largest first: the target replaces the object the mask covers
-    targets = []
-    rng = np.random.default_rng(SWEEP_SEED + 10)
-    from .tinysd import parser  # noqa: PLC0415
-    for sc, im in zip(scenes2, source):
-        big = parser.parse_scene(im)[0]
-        idx = next(j for j, o in enumerate(sc.objects) if (o.colour, o.shape, o.position) ==
-                   (big.colour, big.shape, big.position))
-        tgt = replaced(sc, rng, idx)
-        tgt.objects.insert(0, tgt.objects.pop(idx))           # the new object first
-        targets.append(tgt)
+    targets = inpaint_targets(scenes2, source)
     t = time.perf_counter()
     inpainting = inpaint_compare(inp, text, scenes2, targets, masks, num_inference_steps=steps,
                                  progress=progress)
@@ -791,9 +798,11 @@ def run_sweep(n_strength: int = 16, n_inpaint: int = 24, n_outpaint: int = 6, st
                                    num_inference_steps=steps, progress=progress)
     seconds["outpainting"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
+    import os  # noqa: PLC0415
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"strength_sweep": sweep, "inpainting": inpainting, "outpainting": outpainting,
             "meta": {"machine": cpu_name(), "threads": torch.get_num_threads(),
-                     "date": datetime.date.today().isoformat(), "seconds": seconds,
+                     "date": datetime.date.today().isoformat(), "seconds": seconds, "load_average_end": load,
                      "command": "python -m ldm_tutorial.editing --sweep --threads 1"}}
 
 
@@ -803,7 +812,7 @@ def markdown(result: dict) -> str:
     lines = ["# Image editing: the committed measurements of chapter 6", "",
              f"`{m['command']}` on {m['machine']}, {m['threads']} thread(s), {m['date']}; "
              f"seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + ".",
-             "The machine was shared with other jobs: the seconds are an upper bound.", "",
+             m.get("note") or "The machine was shared with other jobs: the seconds are an upper bound.", "",
              f"## img2img strength sweep (n = {s['n']} held-out scenes, half with one object, half with "
              f"two; object 0 recoloured; {s['steps']} DDIM steps, guidance {s['guidance_scale']})", "",
              "| strength | steps run | PSNR to source (dB) | SSIM | reads as the edit | reads as the source |",
@@ -814,13 +823,15 @@ def markdown(result: dict) -> str:
     lines += ["", f"## Inpainting: replace one object of two (n = {ip['n']}; mask = the object's box + 6 px, "
               f"on the latent grid, {ip['mask_share']:.1%} of the image)", "",
               f"VAE round trip PSNR outside the mask (the ceiling): {ip['psnr_outside_round_trip_db']:.2f} dB.", "",
-              "| method | reads as the target | new object present | PSNR outside (dB) | seam ratio (median) |",
-              "|---|---|---|---|---|"]
+              "| method | reads as the target | new object present | PSNR outside (dB) | seam energy (1e-4, median) | seam vs the source's |",
+              "|---|---|---|---|---|---|"]
     for k, r in ip["methods"].items():
         pout = "exact" if r["outside_exact"] else f"{r['psnr_outside_db']:.2f}"
         lines.append(f"| {k} | {r['target_correct']:.3f} | {r['new_object_present']:.3f} | "
-                     f"{pout} | {r['seam_ratio']:.2f} |")
-    lines.append(f"| (the source itself) | | | | {ip['seam_ratio_source']:.2f} |")
+                     f"{pout} | {1e4 * r['seam_energy']:.1f} | {r['seam_energy'] / ip['seam_energy_source']:.2f} |")
+    lines.append(f"| (the source itself) | | | | {1e4 * ip['seam_energy_source']:.1f} | 1 |")
+    lines += ["", "Seam energy: the mean squared image gradient within 2 px of the mask's border "
+              "(`editing.seam_energy`); an edge where the repainted region meets the kept one raises it."]
     lines += ["", f"## Outpainting 128 -> {op['new_width']} px wide (n = {op['n']} one-object scenes)", "",
               "| method | old border continuity (median) | worst border (median) | colour step | objects in new part |",
               "|---|---|---|---|---|"]
@@ -851,7 +862,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("nothing to do: pass --sweep")
     torch.set_num_threads(checks.positive_int(args.threads, "--threads"))
     result = run_sweep(args.n_strength, args.n_inpaint, args.n_outpaint, args.steps)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    def finite(o):   # NaN (a median over empty bands) is not JSON: write null
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return {k: finite(v) for k, v in o.items()} if isinstance(o, dict) else o
+
+    Path(args.out).write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n")
     Path(args.markdown).write_text(markdown(result))
     print(markdown(result))
 

@@ -1,6 +1,5 @@
 """The editing helpers: each input rule of ldm_tutorial.editing, and img2img/inpaint against diffusers."""
 import re
-import warnings
 
 import numpy as np
 import PIL.Image
@@ -10,7 +9,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 import ldm_tutorial as ldm
 from ldm_tutorial import editing
-from ldm_tutorial.tinysd import shapes
+from ldm_tutorial.tinysd import parser, shapes
 
 
 def _rgb_u8(h=16, w=24, seed=0):
@@ -298,3 +297,76 @@ def test_padding_mask_crop_keeps_the_outside_of_the_crop_box(inpaint_pipe, scene
     outside[y1:y2, x1:x2] = False
     err = (out.images[0][:, outside] - scene[0][:, outside]).abs().max()
     assert float(err) <= 1 / 127.5 + 1e-6                       # the original, up to 8-bit rounding
+
+
+# ---- the chapter's measures ----------------------------------------------------------------------
+
+def test_gradient_energy_and_border_band_on_drawn_images():
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1.0                                         # a vertical edge between columns 3 and 4
+    g = editing.gradient_energy(step)
+    assert torch.equal(g[0, :, 3], torch.ones(8)) and float(g.sum()) == 8.0
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    band = editing.border_band(mask, 1)
+    # within 1 px of the square's border: the 10x10 ring outside minus the 6x6 inside
+    assert int(band.sum()) == 10 * 10 - 6 * 6
+    assert not band[0, 8, 8] and band[0, 4, 4] and band[0, 3, 8] and not band[0, 2, 8]
+
+
+def test_seam_ratio_sees_an_edge_at_the_border_and_not_a_texture_across_it():
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    rng = torch.Generator().manual_seed(0)
+    texture = torch.rand(1, 3, 32, 32, generator=rng) * 0.2     # stationary noise
+    pasted = texture + 0.8 * mask                               # the same noise, a step at the border
+    ratio_texture = float(editing.seam_ratio(texture, mask))
+    ratio_seam = float(editing.seam_ratio(pasted, mask))
+    assert 0.7 < ratio_texture < 1.4 and ratio_seam > 5
+    canvas = torch.linspace(-1, 1, 64).repeat(1, 3, 32, 1)      # a smooth ramp, 64 wide
+    assert editing.border_continuity(canvas, 32) == pytest.approx(1.0, rel=1e-4)
+    canvas[..., 32:] += 0.5                                     # a step at column 32
+    assert editing.border_continuity(canvas, 32) > 100
+
+
+def test_object_mask_follows_the_parser_box_on_the_latent_grid():
+    scene = shapes.Scene([shapes.SceneObject("red", "square", "small", "centre")])
+    image = shapes.render([scene])
+    (obj,) = [o.box for o in parser.parse_scene(image[0])]
+    m = editing.object_mask(image, margin=6)
+    ys, xs = torch.nonzero(m[0, 0], as_tuple=True)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    assert all(v % 8 == 0 for v in (y0, y1, x0, x1))
+    assert x0 <= obj[0] - 6 and y0 <= obj[1] - 6 and x1 >= obj[2] + 6 and y1 >= obj[3] + 6
+    assert x0 > obj[0] - 14 and x1 < obj[2] + 14                # no more than the grid adds
+    assert int(m.sum()) == (y1 - y0) * (x1 - x0)
+    with pytest.raises(ValueError, match="^index: the parser found 1 objects, asked for object 1$"):
+        editing.object_mask(image, index=1)
+
+
+def test_edit_targets_change_only_the_named_attributes():
+    scenes = editing.sweep_scenes(6)
+    for kind, changed in (("recolour", {"colour"}), ("replace", {"colour", "shape"})):
+        for s, t in zip(scenes, editing.edit_targets(scenes, kind)):
+            a, b = s.objects[0], t.objects[0]
+            diff = {k for k in ("colour", "shape", "size", "position") if getattr(a, k) != getattr(b, k)}
+            assert diff == changed and s.objects[1:] == t.objects[1:]
+            assert (s.background, s.bg_seed) == (t.background, t.bg_seed)
+    assert [len(s.objects) for s in scenes] == [1] * 6 + [2] * 6
+
+
+def test_outpaint_and_blending_refuse_what_they_cannot_do(inpaint_pipe, scene):
+    with pytest.raises(ValueError, match="^new_width must be a multiple of 8 above the image's width 128, got 196$"):
+        editing.outpaint(inpaint_pipe, scene, "a red square", 196)
+    with pytest.raises(ValueError, match="^step must be a multiple of 8 below 128 that divides new_width - "
+                                         "width = 64, got 48$"):
+        editing.outpaint(inpaint_pipe, scene, "a red square", 192, step=48)
+    with pytest.raises(ValueError, match="^pipe must have a 4-channel text-to-image U-Net .* got 9"):
+        editing.blending_pipeline(inpaint_pipe)
+
+
+def test_outpaint_keeps_the_source_and_widens(inpaint_pipe, scene):
+    canvas, borders = editing.outpaint(inpaint_pipe, scene, "a red square", 160, step=16,
+                                       num_inference_steps=2)
+    assert canvas.shape == (1, 3, 128, 160) and borders == [128, 144]
+    assert torch.equal(canvas[..., :128], scene)
