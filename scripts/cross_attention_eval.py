@@ -269,7 +269,7 @@ def comparison_part(n_per_count: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- Attend-and-Excite
-def excite_part(n: int) -> dict:
+def excite_part(n: int, save=None, every: int = 16) -> dict:
     import warnings
 
     from diffusers import StableDiffusionAttendAndExcitePipeline
@@ -289,6 +289,13 @@ def excite_part(n: int) -> dict:
     rows = {"plain": [], "attend_and_excite": []}
     parsed = {"plain": [], "attend_and_excite": []}
     secs = {"plain": 0.0, "attend_and_excite": 0.0}
+    def summary(m: int) -> dict:
+        return {"n": m, "n_planned": n, "seed": EXCITE_SEED, "steps": STEPS, "guidance_scale": GUIDANCE,
+            "attn_res_default": [16, 16], "tinysd_latent": [16, 16],
+            "token_indices": "the two shape words (nouns), from word_positions",
+            **{name: {"fully_correct": float(np.mean(rows[name][:m])), "seconds_per_image": secs[name] / m,
+                      **binding_scores(parsed[name][:m], scenes[:m])} for name in rows}}
+
     for i, s in enumerate(tqdm(scenes, desc="attend-and-excite", mininterval=10)):
         prompt = shapes.describe(s)
         pos = word_positions(pipe.tokenizer, s)
@@ -306,11 +313,9 @@ def excite_part(n: int) -> dict:
             p = parser.parse_scene(img * 2 - 1)
             parsed[name].append(p)
             rows[name].append(evaluate.fully_correct(p, s.objects))
-    return {"n": n, "seed": EXCITE_SEED, "steps": STEPS, "guidance_scale": GUIDANCE,
-            "attn_res_default": [16, 16], "tinysd_latent": [16, 16],
-            "token_indices": "the two shape words (nouns), from word_positions",
-            **{name: {"fully_correct": float(np.mean(rows[name])), "seconds_per_image": secs[name] / n,
-                      **binding_scores(parsed[name], scenes)} for name in rows}}
+        if save is not None and (i + 1) % every == 0 and i + 1 < n:     # a partial result survives a stop
+            save(summary(i + 1))
+    return summary(n)
 
 
 def markdown(res: dict, machine: str, date: str) -> str:
@@ -364,7 +369,8 @@ def markdown(res: dict, machine: str, date: str) -> str:
     if "excite" in res:
         e = res["excite"]
         L += ["## Attend-and-Excite on TinySD", "",
-              f"n = {e['n']} two-object prompts (seed {e['seed']}), the same seeds with and without.", "",
+              f"n = {e['n']} two-object prompts (seed {e['seed']}; {e.get('n_planned', e['n'])} planned), the same "
+              "seeds with and without; token_indices: the two shape words.", "",
               "| | fully correct | colour+shape+position per object | seconds per image |", "|---|---|---|---|"]
         for name in ("plain", "attend_and_excite"):
             L.append(f"| {name} | {e[name]['fully_correct']:.3f} | {e[name]['colour_shape_position']:.3f} | "
@@ -394,7 +400,11 @@ def main() -> None:
         elif part == "daam":
             res["daam"] = daam_part(a.n_measure, a.n_thresh, a.batch)
         elif part == "excite":
-            res["excite"] = excite_part(a.n_excite)
+            def save(partial):
+                res["excite"] = partial
+                OUT_JSON.write_text(json.dumps(res, indent=1) + "\n")
+                OUT_MD.write_text(markdown(res, res.get("machine", ""), res.get("date", "")))
+            res["excite"] = excite_part(a.n_excite, save)
         else:
             raise SystemExit(f"--parts: unknown part {part!r}")
         res.setdefault("seconds", {})[part] = time.time() - t0
