@@ -6,8 +6,11 @@ PIP   := $(VENV)/bin/pip
 TORCH := torch==2.13.0
 CHAPTERS := $(shell find book -name '*.md' -path 'book/*/*' | sort)
 NB_TIMEOUT := 300
+# Not under _build: nbmake skips any path with a _build folder.
+EXECUTED := _executed
+MATHJAX := _build/vendor/mathjax/tex-mml-chtml.js
 
-.PHONY: venv test unit notebooks book sync bench mutation clean
+.PHONY: venv test unit notebooks book check-book browser mathjax colab-check sync bench mutation clean
 
 venv: $(VENV)/.stamp
 
@@ -23,22 +26,51 @@ test: unit notebooks
 unit: venv
 	$(PY) -m pytest -q tests
 
+# nbmake executes copies of the chapters (--overwrite keeps the outputs in the copies only; the committed
+# .ipynb files stay output-free) so that `make book` can reuse them instead of executing every chapter again.
 notebooks: venv
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_TIMEOUT) book
+	rm -rf $(EXECUTED) && mkdir -p $(EXECUTED) && cp -r book $(EXECUTED)/
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=$(NB_TIMEOUT) --overwrite $(EXECUTED)/book
 
 # jupyter-cache hashes only code cells, and Sphinx rebuilds only changed sources: when the package or the
 # shipped weights change, wipe both so every chapter re-executes against the new code.
-book: venv
+book: venv mathjax
 	@h=$$(find ldm_tutorial -type f \( -name '*.py' -o -name '*.json' -o -name '*.txt' -o -name '*.safetensors' \) \
 	      -not -path '*/__pycache__/*' | sort | xargs sha256sum | sha256sum | cut -c1-16); \
 	if [ "$$(cat _build/.package_hash 2>/dev/null)" != "$$h" ]; then \
 	  echo "ldm_tutorial changed: clearing the execution cache and Sphinx's environment"; \
 	  rm -rf _build/.jupyter_cache _build/.doctrees _build/jupyter_execute _build/html; fi; \
+	if [ -d $(EXECUTED)/book ]; then $(PY) scripts/seed_book_cache.py $(EXECUTED)/book _build/.jupyter_cache; fi; \
 	$(VENV)/bin/jupyter-book build . -W --keep-going -q && mkdir -p _build && echo "$$h" > _build/.package_hash
 	@echo "Open _build/html/index.html"
 
+# MathJax for offline pages and the browser test, unpacked from the npm registry (without npm the pages
+# load it from the CDN, as Jupyter Book does by default).
+mathjax: $(MATHJAX)
+$(MATHJAX):
+	@if command -v npm >/dev/null; then \
+	  rm -rf _build/vendor && mkdir -p _build/vendor && cd _build/vendor && \
+	  npm pack -q mathjax@3.2.2 >/dev/null && tar -xzf mathjax-3.2.2.tgz && mv package/es5 mathjax && \
+	  rm -rf package mathjax-3.2.2.tgz; \
+	else echo "npm not found: the book will load MathJax from its CDN"; fi
+
+# The rendered book in headless Chromium (scripts/check_book.py); Debian's chromium and chromium-driver
+# are installed when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $$(command -v sudo) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium chromium-driver; }
+
+check-book: book browser
+	$(PY) scripts/check_book.py --screenshots docs/screenshots
+
+# The Colab path, simulated: the wheel, a fresh venv outside the repository, chapter 0 run alone.
+colab-check: venv
+	bash scripts/colab_sim.sh
+
 # Re-pair every chapter: .md is the source; the .ipynb is regenerated without outputs, cell ids kept.
 sync: venv
+	$(PY) scripts/setup_cell.py
 	for md in $(CHAPTERS); do $(VENV)/bin/jupytext --update --to ipynb "$$md" -q; done
 	$(PY) scripts/strip_outputs.py book
 
@@ -52,4 +84,4 @@ mutation: venv
 	$(PY) scripts/mutation_report.py --seconds $$(( $$(date +%s) - start ))
 
 clean:
-	rm -rf _build .pytest_cache mutants
+	rm -rf _build _executed .pytest_cache mutants

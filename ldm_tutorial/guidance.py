@@ -166,33 +166,14 @@ def guided_sample(pipe, prompt: str | list[str], negative_prompt: str | list[str
 
 
 def slider_html(images: torch.Tensor, labels: list[str], size: float = 3.0) -> str:
-    """A kernel-free slider over precomputed frames: matplotlib's JavaScript animation player.
+    """A kernel-free slider over precomputed frames (the book's shared `ldm.plotting.slider_html`).
 
-    images (F, 3, H, W) in [-1, 1], one label per frame. The HTML embeds every frame, so the static
-    book (no kernel) still lets the reader move through them.
+    images (F, 3, H, W) in [-1, 1], one label per frame; `size` in inches at 96 dpi, as the
+    chapter's other figures.
     """
-    if len(images) != len(labels):
-        raise ValueError(f"labels must name each of the {len(images)} frames, got {len(labels)}")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib import animation  # noqa: PLC0415
+    from .plotting import slider_html as _slider  # noqa: PLC0415
 
-    from .plotting import to_uint8_images  # noqa: PLC0415
-
-    frames = to_uint8_images(images.clamp(-1, 1))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.axis("off")
-    shown = ax.imshow(frames[0])
-    title = ax.set_title(labels[0])
-
-    def draw(i):
-        shown.set_data(frames[i])
-        title.set_text(labels[i])
-        return shown, title
-
-    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=600)
-    html = anim.to_jshtml(default_mode="once")
-    plt.close(fig)
-    return html
+    return _slider(images.clamp(-1, 1), labels, width=int(size * 96), alt="guidance scale explorer")
 
 
 def timestep_for_sigma(scheduler, sigma: float) -> int:

@@ -140,3 +140,54 @@ def plot_curves(series: Mapping[str, Sequence[float] | tuple[Sequence[float], Se
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+_SLIDER_TEMPLATE = """<div class="ldm-slider" id="{uid}" style="display:inline-block;text-align:center">
+<div class="ldm-slider-label" style="font-family:sans-serif;margin:4px">{label0}</div>
+<img src="{src0}" alt="{alt}" width="{width}" style="image-rendering:pixelated;display:block;margin:auto">
+<input type="range" min="0" max="{last}" step="1" value="0" aria-label="{alt}" style="width:{width}px">
+<script>
+(function () {{
+  var box = document.getElementById("{uid}");
+  var frames = {frames}, labels = {labels};
+  var img = box.querySelector("img"), label = box.querySelector(".ldm-slider-label");
+  box.querySelector("input").addEventListener("input", function (e) {{
+    var i = parseInt(e.target.value, 10);
+    img.src = frames[i]; label.textContent = labels[i];
+  }});
+}})();
+</script>
+</div>"""
+
+
+def slider_html(images, labels: Sequence[str], width: int = 256, alt: str = "explorer") -> str:
+    """A kernel-free explorer: one picture per setting and a slider that moves between them.
+
+    `images`: anything `to_uint8_images` reads (e.g. an (F, 3, H, W) tensor in [-1, 1]), one frame per
+    label. The HTML embeds every frame as a PNG and needs no kernel, no widget library and no network:
+    the rendered book shows it as it is, and `scripts/check_book.py` moves each slider in Chromium and
+    checks that the picture changes. In Jupyter or Colab, show it with `IPython.display.HTML`.
+    """
+    import base64
+    import html
+    import io
+    import json
+    import uuid
+
+    from PIL import Image
+
+    frames = to_uint8_images(images)
+    labels = [str(x) for x in labels]
+    if len(frames) != len(labels):
+        raise ValueError(f"labels must name each of the {len(frames)} frames, got {len(labels)}")
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise ValueError(f"width must be a positive int (pixels), got {width!r}")
+    srcs = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="PNG")
+        srcs.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+    return _SLIDER_TEMPLATE.format(
+        uid=f"ldm-slider-{uuid.uuid4().hex[:12]}", label0=html.escape(labels[0]), src0=srcs[0],
+        alt=html.escape(alt, quote=True), width=width, last=len(frames) - 1,
+        frames=json.dumps(srcs), labels=json.dumps(labels).replace("</", "<\\/"))

@@ -51,3 +51,35 @@ def test_overlay_heatmap_and_curves():
         ldm.overlay_heatmap(torch.rand(3, 16, 16), torch.rand(4))
     fig = ldm.plot_curves({"a": [1, 10, 100], "b": ([0, 1], [5, 6])}, "x", "y", logy=True)
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 2
+
+
+def _slider_frames(html_text):
+    import base64
+    import io
+    import json
+    import re
+
+    frames = json.loads(re.search(r"var frames = (\[.*?\]), labels", html_text).group(1))
+    labels = json.loads(re.search(r"labels = (\[.*?\]);", html_text).group(1))
+    decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(f.split(",", 1)[1]))).convert("RGB"))
+               for f in frames]
+    return decoded, labels
+
+
+def test_slider_embeds_every_frame_losslessly_with_its_label():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    html_text = ldm.slider_html(images, ["w = 1", "w = 5", "</script> w = 9"])
+    frames, labels = _slider_frames(html_text)
+    assert labels == ["w = 1", "w = 5", "</script> w = 9"]
+    for got, want in zip(frames, ldm.plotting.to_uint8_images(images)):
+        assert np.array_equal(got, want)
+    assert html_text.count("</script>") == 1          # a label cannot close the script early
+    assert 'max="2"' in html_text and "://" not in html_text   # no URL: nothing to fetch
+
+
+def test_slider_refuses_a_label_count_that_does_not_match():
+    with pytest.raises(ValueError, match="labels must name each of the 2 frames, got 1"):
+        ldm.slider_html(torch.zeros(2, 3, 8, 8), ["one"])
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        ldm.slider_html(torch.zeros(1, 3, 8, 8), ["one"], width=0)

@@ -1,0 +1,120 @@
+"""The tools behind the rendered book: the Sphinx fix, the execution-cache seeding, the setup cell."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+book_fixes = _load("book_fixes", ROOT / "_ext" / "book_fixes.py")
+seed = _load("seed_book_cache", ROOT / "scripts" / "seed_book_cache.py")
+setup_cell = _load("setup_cell", ROOT / "scripts" / "setup_cell.py")
+
+
+def test_dedupe_drops_the_second_copy_of_an_inline_script_only():
+    from sphinx.builders.html._assets import _JavaScript
+
+    body = 'const THEBE_JS_URL = "x"'
+    scripts = [_JavaScript("_static/a.js", priority=500), _JavaScript(None, body=body),
+               _JavaScript("", body=body), _JavaScript("", body="const other = 1"),
+               _JavaScript("_static/a.js", priority=800)]
+    assert scripts[1] != scripts[2]                       # what Sphinx 7.4 writes twice
+    context = {"script_files": list(scripts)}
+    book_fixes.dedupe_scripts(None, "page", "page.html", context, None)
+    kept = context["script_files"]
+    assert [js.attributes.get("body") for js in kept].count(body) == 1
+    assert len(kept) == 4 and kept[0] is scripts[0] and kept[-1] is scripts[-1]
+
+
+MD = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+# A page
+
+```{code-cell} ipython3
+print(6 * 7)
+```
+"""
+
+
+def _executed(md_path: Path, out: Path, error: bool = False) -> Path:
+    nb = jupytext.read(md_path)
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    cell.execution_count = 1
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="42\n")]
+    if error:
+        cell.outputs.append(nbformat.v4.new_output("error", ename="ValueError", evalue="x", traceback=[]))
+    cell.metadata["execution"] = {"iopub.status.busy": "2026-12-02T01:00:00Z"}   # nbclient's timings
+    nbformat.write(nb, out)
+    return out
+
+
+def test_seeded_notebook_is_a_cache_hit_for_its_markdown_source(tmp_path):
+    from jupyter_cache import get_cache
+
+    md = tmp_path / "page.md"
+    md.write_text(MD)
+    executed = tmp_path / "run"
+    executed.mkdir()
+    _executed(md, executed / "page.ipynb")
+    assert seed.main(str(executed), str(tmp_path / "cache")) == 0
+    cache = get_cache(str(tmp_path / "cache"))
+    record = cache.match_cache_notebook(jupytext.read(md))
+    bundle = cache.get_cache_bundle(record.pk)
+    code = [c for c in bundle.nb.cells if c.cell_type == "code"]
+    assert code[0].outputs[0]["text"] == "42\n"
+    md.write_text(MD.replace("6 * 7", "6 * 8"))           # an edited chapter misses and runs again
+    with pytest.raises(KeyError):
+        cache.match_cache_notebook(jupytext.read(md))
+
+
+def test_a_notebook_with_an_error_is_not_cached(tmp_path):
+    from jupyter_cache import get_cache
+
+    md = tmp_path / "page.md"
+    md.write_text(MD)
+    executed = tmp_path / "run"
+    executed.mkdir()
+    _executed(md, executed / "page.ipynb", error=True)
+    seed.main(str(executed), str(tmp_path / "cache"))
+    assert get_cache(str(tmp_path / "cache")).list_cache_records() == []
+
+
+def test_setup_cell_is_rewritten_from_the_repository_url(tmp_path):
+    md = tmp_path / "chapter.md"
+    md.write_text("# C\n\n```{code-cell} ipython3\n" + setup_cell.MARKER +
+                  "\nimport sys\nOLD = 1\n```\n\n```{code-cell} ipython3\nx = 1\n```\n")
+    assert setup_cell.main(["--check", str(md)]) == 1
+    assert setup_cell.main([str(md)]) == 0
+    text = md.read_text()
+    assert "OLD = 1" not in text and "x = 1" in text
+    assert f'"git+{setup_cell.repository_url()}"' in text
+    assert setup_cell.main(["--check", str(md)]) == 0
+    exec(compile(setup_cell.cell_source("https://example.org/fork"), "cell", "exec"), {})  # valid Python
+
+
+def test_setup_cell_refuses_a_chapter_without_one(tmp_path):
+    md = tmp_path / "chapter.md"
+    md.write_text("# C\n\n```{code-cell} ipython3\nx = 1\n```\n")
+    with pytest.raises(SystemExit, match="no setup cell"):
+        setup_cell.rewrite(md, setup_cell.cell_source())
+
