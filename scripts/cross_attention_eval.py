@@ -365,7 +365,18 @@ def markdown(res: dict, machine: str, date: str) -> str:
             for a in arms) + " |")
         L.append("| final training loss (last 100 steps) | " + " | ".join(
             f"{c[a]['training']['last_100_steps_mean_loss']:.4f}" for a in arms) + " |")
-        L.append("")
+        L.append("| training seconds (800 steps, 1 CPU thread) | " + " | ".join(
+            f"{c[a]['training']['seconds']:.0f}" for a in arms) + " |")
+        L += ["", "Training (both arms): `python -m ldm_tutorial.tinysd.train unet --unet-preset small "
+              "--n-scenes 4000 --batch 32 --lr 1e-3 --warmup 100 --steps 800 --threads 1 --latent-scale config` "
+              "(cross: the scaling comparison's `tinysd-scaling/scaled`; pooled: the same plus "
+              "`--conditioning pooled --latents-cache` a copy of that run's latents cache, so both read the "
+              "same pre-encoded latents), on the 2-core CPU shared with other jobs (load average about 7 during "
+              "the pooled run). Same scenes, captions and data order (NumPy seeds); the torch draws (latent "
+              "samples, noise, timesteps) differ after the different initialisations (first-batch z0 std "
+              "1.00317 against 1.00325). The pooled arm lacks the transformer blocks, so it also lacks their "
+              "self-attention and a third of the parameters; `--conditioning pooled-token` (same blocks, the "
+              "pooled vector as the only key) is implemented but was not trained for lack of CPU time.", ""]
     if "excite" in res:
         e = res["excite"]
         L += ["## Attend-and-Excite on TinySD", "",
