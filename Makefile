@@ -73,6 +73,7 @@ sync: venv
 	$(PY) scripts/setup_cell.py
 	for md in $(CHAPTERS); do $(VENV)/bin/jupytext --update --to ipynb "$$md" -q; done
 	$(PY) scripts/strip_outputs.py book
+	$(PY) scripts/interview_bank.py
 
 bench: venv
 	$(PY) scripts/bench_notebooks.py

@@ -118,3 +118,50 @@ def test_setup_cell_refuses_a_chapter_without_one(tmp_path):
     with pytest.raises(SystemExit, match="no setup cell"):
         setup_cell.rewrite(md, setup_cell.cell_source())
 
+
+bank = _load("interview_bank", ROOT / "scripts" / "interview_bank.py")
+
+CHAPTER = """# A chapter
+
+## 1. First idea
+
+## 2. Second idea, written out
+
+## Interview questions
+
+1. *What is the first idea?* 42, from sections 1-2.
+   It continues on a second line.
+2. *And the second?* 7 (section 2), not 3.
+
+## Common mistakes
+"""
+
+
+def test_bank_links_each_cited_section_and_keeps_the_whole_answer(tmp_path):
+    md = tmp_path / "book" / "09_x" / "x.md"
+    md.parent.mkdir(parents=True)
+    md.write_text(CHAPTER)
+    title, sections, questions = bank.parse(md)
+    assert title == "A chapter" and sections == {1: "1. First idea", 2: "2. Second idea, written out"}
+    assert [q.question for q in questions] == ["What is the first idea?", "And the second?"]
+    assert questions[0].answer == "42, from sections 1-2. It continues on a second line."
+    assert [q.sections for q in questions] == [[1, 2], [2]]
+    old_root = bank.ROOT
+    bank.ROOT = tmp_path
+    try:
+        page = bank.render([md])
+    finally:
+        bank.ROOT = old_root
+    assert "[2. Second idea, written out](09_x/x.md#2-second-idea-written-out)" in page
+    assert page.count("**What is the first idea?** *(ML engineer)*") == 1
+    assert "2 questions" in page
+
+
+def test_section_numbers_read_ranges_lists_and_single_sections():
+    assert bank.section_numbers("(sections 1 and 3)") == [1, 3]
+    assert bank.section_numbers("Section 9 prints it; sections 1-3 run it") == [9, 1, 2, 3]
+    assert bank.section_numbers("no reference here, 5 of them") == []
+
+
+def test_every_research_level_entry_still_names_a_question():
+    assert bank.stale_research_keys() == []
