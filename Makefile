@@ -21,7 +21,9 @@ $(VENV)/.stamp: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
-test: unit notebooks
+# What CI runs (.ci/run): the unit tests, every chapter under nbmake, the rendered book in Chromium
+# (built from nbmake's outputs), and the Colab path from a wheel in a fresh venv.
+test: unit notebooks check-book colab-check
 
 unit: venv
 	$(PY) -m pytest -q tests
@@ -61,7 +63,7 @@ browser:
 	  { $$(command -v sudo) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium chromium-driver; }
 
-check-book: book browser
+check-book: book browser venv
 	$(PY) scripts/check_book.py --screenshots docs/screenshots
 
 # The Colab path, simulated: the wheel, a fresh venv outside the repository, chapter 0 run alone.

@@ -19,7 +19,7 @@ trap 'rm -rf "$WORK"' EXIT
 echo "[colab-sim] working in $WORK"
 
 # 1. The wheel.
-"$ROOT/.venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$ROOT"
+"$ROOT/.venv/bin/python" -m pip wheel -q --no-deps -w "$WORK/dist" "$ROOT"
 WHEEL="$(ls "$WORK"/dist/ldm_tutorial-*.whl)"
 echo "[colab-sim] wheel: $(basename "$WHEEL") ($(du -m "$WHEEL" | cut -f1) MB)"
 
