@@ -290,3 +290,13 @@ def test_the_torchvision_notice_filter_is_added_once_and_drops_only_that_notice(
     notice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
     assert ours[0].filter(record(notice)) is False
     assert ours[0].filter(record("some other warning")) is True
+
+
+def test_the_half_precision_warning_points_at_the_caller_not_at_the_package(no_cuda):
+    from pathlib import Path
+
+    with pytest.warns(UserWarning, match="load_pipeline: dtype=bfloat16 on the CPU runs") as record:
+        ldm.load_pipeline("tiny", dtype=torch.bfloat16, device="cpu", verbose=False)
+    ours = [w for w in record if str(w.message).startswith("load_pipeline:")]
+    assert len(ours) == 1 and ours[0].category is UserWarning
+    assert not ours[0].filename.startswith(str(Path(models.__file__).parent))    # attributed to the caller

@@ -214,3 +214,12 @@ def test_images_are_the_clamped_decode_and_no_trajectory_unless_asked(pipe):
     assert pipe.vae.config.scaling_factor == pytest.approx(0.3788, abs=1e-4)   # TinySD's (vae/config.json)
     assert raw.min() < -1 or raw.max() > 1                                 # the clamp has something to do
     torch.testing.assert_close(out.images, raw.clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_the_defaults_are_the_documented_ones(pipe):
+    """25 steps, w = 5, the empty negative prompt, eta 0, no rescale, no trajectory: as diffusers' call with them."""
+    ours = sample(pipe, "a green circle", generator=torch.Generator().manual_seed(8))
+    ref = pipe("a green circle", num_inference_steps=25, guidance_scale=5.0, negative_prompt="", eta=0.0,
+               guidance_rescale=0.0, generator=torch.Generator().manual_seed(8), output_type="latent").images
+    torch.testing.assert_close(ours.latents, ref, atol=1e-4, rtol=0)
+    assert len(ours.timesteps) == 25 and ours.trajectory == []
