@@ -446,11 +446,11 @@ def sweep(pipe=None, n: int = 16, steps: tuple[int, ...] = (10, 25, 50),
     src_p = [shapes.describe(a) for a, _ in pairs]
     tgt_p = [shapes.describe(b) for _, b in pairs]
     edits = {}
+    inverted = [invert(pipe, src[c], src_p[c], edit_steps, 1.0).latents for c in chunks]   # once
     for name, w, neg_src in (("ddim_w1", 1.0, False), ("ddim_w7.5", 7.5, False), ("npi_w7.5", 7.5, True)):
         ok, keep = [], []
-        for c in chunks:
-            inv = invert(pipe, src[c], src_p[c], edit_steps, 1.0)
-            img = regenerate(pipe, inv.latents, tgt_p[c], edit_steps, w,
+        for c, x_T in zip(chunks, inverted):
+            img = regenerate(pipe, x_T, tgt_p[c], edit_steps, w,
                              negative_prompt=src_p[c] if neg_src else "")
             for im, s, (_, b) in zip(img, src[c], pairs[c]):
                 ok.append(fully_correct(parser.parse_scene(im), b.objects))
@@ -539,10 +539,10 @@ def colour_direction_study(pipe, n: int, seed: int, num_inference_steps: int = 2
     return res
 
 
-def markdown(res: dict, seconds: float, machine: str) -> str:
+def markdown(res: dict, seconds: float, machine: str, date: str | None = None) -> str:
     lines = ["# Latent space and inversion: the committed sweep", "",
              f"`python -m ldm_tutorial.inversion --sweep --threads 1` on {machine}, "
-             f"{datetime.date.today().isoformat()}, {seconds:.0f} s in all. TinySD, held-out scenes "
+             f"{date or datetime.date.today().isoformat()}, {seconds:.0f} s in all. TinySD, held-out scenes "
              f"(seed {res['scene_seed']}), n = {res['n_scenes']} per cell. PSNR in dB against the source image.", "",
              f"VAE round trip (the ceiling): {res['vae_ceiling']['mean']:.2f} dB "
              f"(std {res['vae_ceiling']['std']:.2f}).", "",
@@ -574,6 +574,27 @@ def markdown(res: dict, seconds: float, machine: str) -> str:
     for sp in ("vae", "noise"):
         lines.append(f"| {sp} | " + " | ".join(f"{c[sp][k]['edited']:.2f} ({c[sp][k]['unchanged']:.2f})"
                                               for k in ("matched", "other_cell", "two_objects")) + " |")
+    load = res.get("load_average")
+    lines += ["", "## Notes", ""]
+    if load:
+        lines.append(f"- Load average when the sweep ended: {', '.join(f'{v:.1f}' for v in load)} (1, 5, 15 min) "
+                     f"on {os.cpu_count()} cores: the seconds are those of a shared machine.")
+    lines += [
+              "- Every run is deterministic (DDIM, eta 0; VAE posterior means; fixed scene seeds), so a rerun "
+              "on any CPU gives the same figures up to float rounding.",
+              "- Negative-prompt inversion is measured at the largest w only: with the source prompt as the "
+              "negative, both branches predict the same noise, so it equals the w = 1 row at every w "
+              "(the chapter asserts this live).",
+              "- Edits: scenes with one blue object, inverted without guidance under their prompt and "
+              "regenerated under the prompt with 'red'; 'edit correct' is the parser reading exactly the "
+              "target scene; background PSNR is outside the parser's object masks of the source.",
+              "- DiffEdit: `generate_mask` with its defaults (10 noise maps, mask_encode_strength 0.5, "
+              "threshold ratio 3), seed 0; the truth is the parser's object mask, a latent cell counted "
+              "when a quarter of its 8x8 pixels are object.",
+              "- The direction: mean latent difference over pairs of the same large circle in the centre, "
+              "red minus blue, on random backgrounds; 'matched' tests put a new such circle on a "
+              "new background, 'other_cell' moves it to a corner, 'two_objects' adds a second object. In "
+              "brackets: the share still read as the unedited source."]
     return "\n".join(lines) + "\n"
 
 
@@ -587,18 +608,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=24, help="scenes per cell")
     ap.add_argument("--out", default=str(path("latent_space")))
     ap.add_argument("--markdown", default="benchmarks/latent_space.md")
+    ap.add_argument("--report", action="store_true", help="rewrite --markdown from the committed JSON")
     args = ap.parse_args(argv)
+    if args.report:
+        with open(args.out) as f:
+            res = json.load(f)
+        with open(args.markdown, "w") as f:
+            f.write(markdown(res, res["seconds"], res["machine"], res.get("date")))
+        return res
     if not args.sweep:
-        ap.error("nothing to do: pass --sweep")
+        ap.error("nothing to do: pass --sweep (or --report)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     res = sweep(n=args.n)
     res["machine"] = f"{cpu_name()}, {args.threads} thread(s)"
     res["date"] = datetime.date.today().isoformat()
+    res["load_average"] = [round(v, 2) for v in os.getloadavg()]
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     with open(args.markdown, "w") as f:
-        f.write(markdown(res, res["seconds"], res["machine"]))
+        f.write(markdown(res, res["seconds"], res["machine"], res["date"]))
     print(json.dumps({k: res[k] for k in ("vae_ceiling", "psnr_vs_steps", "seconds")}, indent=1))
     return res
 

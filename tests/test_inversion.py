@@ -197,3 +197,12 @@ def test_recolour_pairs_differ_in_one_colour_only():
         assert a.objects[1:] == b.objects[1:] and a.background == b.background
         assert a.objects[0].position == b.objects[0].position
         assert all(o.colour not in ("blue", "red") for o in a.objects[1:])
+
+
+def test_colour_direction_and_interpolation_errors_name_the_parameter(pipe):
+    with pytest.raises(ValueError, match="space must be 'vae' or 'noise', got 'pixel'"):
+        inversion.colour_direction(pipe, inversion.recolour_pairs(1, 0), space="pixel")
+    with pytest.raises(ValueError, match="frames must be a tensor of at least 2 frames"):
+        inversion.frame_distances(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="slerp needs non-zero a and b"):
+        inversion.slerp(torch.zeros(8), torch.ones(8), 0.5)
