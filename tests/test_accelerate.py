@@ -13,7 +13,7 @@ from ldm_tutorial.tinysd import WEIGHTS_DIR
 
 STEPS, BATCH = 3, 4
 COMMON = ["unet", "--continue-shipped", "--steps", str(STEPS), "--n-scenes", "64", "--threads", "1",
-          "--ckpt-every", "1e9"]
+          "--ckpt-every", "1e9", "--warmup", "1", "--lr", "1e-4", "--device", "cpu"]
 
 
 def _weights_copy(root: Path) -> Path:
@@ -37,9 +37,11 @@ def test_two_processes_at_batch_b_equal_one_process_at_batch_2b(tmp_path):
     w1, w2 = _weights_copy(one), _weights_copy(two)
     _run([sys.executable, "-m", "ldm_tutorial.tinysd.train", *COMMON, "--batch", str(2 * BATCH),
           "--out", str(w1), "--ckpt-dir", str(one / "ck"), "--latents-cache", str(cache)], tmp_path)
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # --multi_gpu launches N processes through torch.distributed.run; --device cpu makes each
+    # one a CPU process, and the Accelerator then all-reduces over gloo (`--cpu` alone runs one)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "--num_cpu_threads_per_process", "1", "-m", "ldm_tutorial.tinysd.train", *COMMON,
+          "-m", "ldm_tutorial.tinysd.train", *COMMON,
           "--batch", str(BATCH), "--out", str(w2), "--ckpt-dir", str(two / "ck"),
           "--latents-cache", str(cache)], tmp_path)
     a = torch.load(one / "ck" / "unet.pt", map_location="cpu", weights_only=False)

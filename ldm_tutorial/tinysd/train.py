@@ -36,6 +36,7 @@ from . import configs, data, load_text_encoder, load_vae, shapes
 from .tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "inpaint", "taesd", "flow")
+DATA_PARALLEL_STAGES = ("unet", "inpaint", "flow")   # the stages that run under `accelerate launch` (train_unet)
 COSINE_STAGES = ("unet", "inpaint", "flow")       # the stages whose learning rate can decay (--cosine)
 LR_SCHEDULES = ("constant", "cosine")             # the U-Net stages' schedules after warm-up (learning_rate)
 LATENT_SCALES = ("config", "none")                # unet: latents times the VAE's scaling_factor, or raw (times 1)
@@ -53,6 +54,7 @@ class Ctx:
     n_scenes: int = 20_000
     ckpt_every: float = 60.0
     latents_cache: Path | None = None
+    main_process: bool = True      # False in the other processes of `accelerate launch`: they neither save nor log
     log: dict = field(default_factory=dict)
     _images: torch.Tensor | None = None
     _scenes: list | None = None
@@ -110,7 +112,10 @@ def save_ckpt(ctx: Ctx, stage: str, state: dict) -> None:
     """Write `state` (model, optimiser, step, numpy rng, ...) plus torch's global RNG state, atomically.
 
     The torch RNG draws each step's noise and timesteps; saving it makes a resumed run continue the
-    very sequence of draws a straight run makes (N + M steps resumed == N + M steps in one go)."""
+    very sequence of draws a straight run makes (N + M steps resumed == N + M steps in one go).
+    Under `accelerate launch` only the main process writes (every process holds the same state)."""
+    if not ctx.main_process:
+        return
     ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ctx.ckpt_dir / f"{stage}.pt.tmp"
     rng = {"torch_rng": torch.get_rng_state()}
@@ -139,7 +144,7 @@ class Progress:
 
     def __init__(self, ctx: Ctx, name: str, state_fn):
         self.ctx, self.name, self.state_fn = ctx, name, state_fn
-        self.bar = tqdm(desc=name, unit="step", mininterval=5)
+        self.bar = tqdm(desc=name, unit="step", mininterval=5, disable=not ctx.main_process)
         self.last_ck = time.time()
 
     def tick(self, step: int, postfix_fn) -> None:
@@ -155,9 +160,11 @@ class Progress:
         save_ckpt(self.ctx, self.name, self.state_fn())
 
 
-def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip_params=None) -> None:
+def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip_params=None, backward=None) -> None:
+    """Zero the gradients, backpropagate (`backward`: e.g. `accelerator.backward`, which all-reduces
+    them across processes; default `loss.backward`), clip to norm 1, step."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (backward or torch.Tensor.backward)(loss)
     if clip_params is not None:
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
     opt.step()
@@ -487,6 +494,28 @@ def learning_rate(base: float, step: int, warmup: int, frac: float, schedule: st
     return lr
 
 
+def make_accelerator(ctx: Ctx):
+    """accelerate's Accelerator for the U-Net stages: data parallel under `accelerate launch`
+    (one process per device, gloo on CPUs), the plain loop in a single process. Devices stay as
+    `ctx.device` says (`main` sets it to the process's own device under a launcher)."""
+    from accelerate import Accelerator  # noqa: PLC0415
+
+    accelerator = Accelerator(cpu=ctx.device.type == "cpu", device_placement=False)
+    ctx.main_process = accelerator.is_main_process
+    return accelerator
+
+
+def common_frac(accelerator, budget: Budget, step: int) -> float:
+    """The budget's used fraction as the main process sees it, on every process, so that a
+    --seconds budget stops all processes at the same step and gives them the same learning rate."""
+    frac = budget.frac(step)
+    if accelerator.num_processes == 1:
+        return frac
+    from accelerate.utils import broadcast  # noqa: PLC0415
+
+    return float(broadcast(torch.tensor([frac], dtype=torch.float64, device=accelerator.device))[0])
+
+
 def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256, lr: float = 4e-4,
                drop_prob: float = 0.1, ema_decay: float = 0.999, objective: str = "epsilon",
                init_from_shipped: bool = False, pool: int | None = None, warmup: int = 300,
@@ -542,8 +571,14 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         comparison = f"unet-conditioning-{conditioning}" + ("" if unet_preset == "small" else f"-{unet_preset}")
     name = comparison or name                 # its own checkpoint name: never resumes another run
     torch.manual_seed(ctx.seed + (7 if inpaint else 5))
+    accelerator = make_accelerator(ctx)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    gbatch = batch * world        # every process draws the same global batch of `world * batch` ...
+    mine = slice(rank * batch, (rank + 1) * batch)   # ... and trains on its own slice of it
     if name == "unet" and not init_from_shipped and not (ctx.ckpt_dir / "unet.pt").exists():
-        export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
+        with accelerator.main_process_first():    # the main process writes it, the others then read it
+            if ctx.main_process:
+                export_text_encoder(ctx)          # a fresh U-Net learns against the current CLIP text tower
     te, tok = load_text_encoder(ctx.device, ctx.out)
     te.requires_grad_(False)
     vae = load_vae(ctx.device, ctx.out).requires_grad_(False)
@@ -587,13 +622,18 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         step, rng, losses = ck["step"], ck["rng"], list(ck.get("losses", []))
     images, scenes = ctx.dataset()
     if getattr(ctx, "_latents", None) is None:
-        ctx._latents = cached_latents(ctx, vae)
+        with accelerator.main_process_first():    # one process writes the shared cache, the others read it
+            ctx._latents = cached_latents(ctx, vae)
     mean, std = ctx._latents
     bank = ctx.caption_bank(tok)                                          # (N, 8, 77) token ids
     empty_ids = tokenize(tok, [""], bank.device).to(bank.dtype)           # (1, 77): "" for classifier-free guidance
     mask_pool = random_masks(2048, np.random.default_rng(ctx.seed + 23)).to(ctx.device) if inpaint else None
     pooled = inpaint_pool(ctx, vae, images, mask_pool, pool, np.random.default_rng(ctx.seed + 29)) if pool else None
     acp = sched.alphas_cumprod.to(ctx.device)
+    # data parallel under `accelerate launch` (DDP; one process: the model as it is); gradients are
+    # averaged over the processes, so N processes at batch b step like one process at batch N * b
+    ddp_unet, opt = accelerator.prepare(unet, opt)
+
     def state():
         return dict(model=unet.state_dict(), ema=ema.shadow.state_dict(), opt=opt.state_dict(), step=step, rng=rng,
                     losses=losses)
@@ -601,19 +641,19 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
     budget.restart()
     z0_std = None                             # std of the first batch the loop trains on (what latent_scale did)
     progress = Progress(ctx, name, state)
-    while not budget.done(step):
+    while (frac := common_frac(accelerator, budget, step)) < 1.0:
         if pooled:
-            j = torch.from_numpy(rng.integers(len(pooled[0]), size=batch))
+            j = torch.from_numpy(rng.integers(len(pooled[0]), size=gbatch))
             idx = pooled[0][j].numpy()
         else:
-            idx = rng.integers(len(scenes), size=batch)
+            idx = rng.integers(len(scenes), size=gbatch)
         idx_t = torch.from_numpy(idx).to(mean.device)
         z0 = (mean[idx_t].float() + std[idx_t].float() * torch.randn_like(mean[idx_t].float())).to(ctx.device) * sf
         if z0_std is None:
             z0_std = float(z0.std())
-        ids = bank[idx_t.to(bank.device), torch.from_numpy(rng.integers(bank.shape[1], size=batch)).to(bank.device)]
-        dropped = torch.from_numpy(rng.random(batch) < drop_prob).to(bank.device)
-        ids = torch.where(dropped[:, None], empty_ids, ids).long()   # caption dropout: the empty prompt
+        ids = bank[idx_t.to(bank.device), torch.from_numpy(rng.integers(bank.shape[1], size=gbatch)).to(bank.device)]
+        dropped = torch.from_numpy(rng.random(gbatch) < drop_prob).to(bank.device)
+        ids = torch.where(dropped[:, None], empty_ids, ids).long()[mine]   # caption dropout: the empty prompt
         with torch.no_grad(), ctx.autocast:
             enc = te(ids)
             cond = enc.last_hidden_state
@@ -624,32 +664,33 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
             cond = enc.pooler_output[:, None, :]
         noise = torch.randn_like(z0)
         if objective == "flow":
-            sigma = torch.sigmoid(torch.randn(batch, device=ctx.device))     # logit-normal(0, 1), SD3's default
+            sigma = torch.sigmoid(torch.randn(gbatch, device=ctx.device))    # logit-normal(0, 1), SD3's default
             zt, target, t = flow_targets(z0, noise, sigma)
         else:
-            t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=ctx.device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (gbatch,), device=ctx.device)
             a = acp[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise            # scheduler.add_noise, written out
             target = noise
+        zt, target, t = zt[mine], target[mine], t[mine]           # this process's slice of the global draw
         inp = zt
         if pooled:
-            m = pooled[1][j].to(ctx.device).float()
-            masked_lat = pooled[2][j].to(ctx.device).float()
+            m = pooled[1][j[mine]].to(ctx.device).float()
+            masked_lat = pooled[2][j[mine]].to(ctx.device).float()
         elif inpaint:
-            m = mask_pool[torch.from_numpy(rng.integers(len(mask_pool), size=batch)).to(ctx.device)]
-            m = torch.where(torch.rand(batch, 1, 1, 1, device=ctx.device) < 0.5, m, m.flip(-1))
-            x = data.to_float(images[idx_t.to(images.device)]).to(ctx.device)
+            m = mask_pool[torch.from_numpy(rng.integers(len(mask_pool), size=gbatch)).to(ctx.device)]
+            m = torch.where(torch.rand(gbatch, 1, 1, 1, device=ctx.device) < 0.5, m, m.flip(-1))[mine]
+            x = data.to_float(images[idx_t[mine].to(images.device)]).to(ctx.device)
             with torch.no_grad(), ctx.autocast:
                 masked_lat = masked_image_latents(vae, x, m)
         if inpaint:
             m_lat = F.interpolate(m, size=z0.shape[-2:])        # diffusers: nearest resize of the mask
             inp = torch.cat([zt, m_lat, masked_lat], dim=1)     # (B, 4 + 1 + 4, 16, 16): diffusers' order
         for g in opt.param_groups:
-            g["lr"] = learning_rate(lr, step, warmup, budget.frac(step), lr_schedule)
+            g["lr"] = learning_rate(lr, step, warmup, frac, lr_schedule)
         with ctx.autocast:
-            pred = unet(inp, t, encoder_hidden_states=cond.float(), **extra).sample
+            pred = ddp_unet(inp, t, encoder_hidden_states=cond.float(), **extra).sample
             loss = F.mse_loss(pred.float(), target)
-        optimiser_step(opt, loss, clip_params=unet.parameters())
+        optimiser_step(opt, loss, clip_params=unet.parameters(), backward=accelerator.backward)
         ema.update(unet, step)
         step += 1
         if step % 10 == 0:
@@ -657,6 +698,9 @@ def train_unet(ctx: Ctx, budget: Budget, inpaint: bool = False, batch: int = 256
         progress.tick(step, lambda: {"loss": f"{np.mean(losses[-20:]):.4f}"})
     elapsed = time.time() - budget.start          # training loop only, not setup or export
     progress.close()
+    accelerator.wait_for_everyone()
+    if not ctx.main_process:                      # only the main process exports
+        return {"steps": step, "seconds": elapsed, "process_index": rank}
     if comparison:
         return _export_scaling_run(ctx, ema.shadow, latent_scale, unet_preset, sf, {
             "steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else None, "seconds": elapsed,
@@ -819,6 +863,8 @@ def run_stage(ctx: Ctx, stage: str, budget: Budget, **kw) -> dict:
         stage = "vae-decoder-finetune"
     elif kw.get("init_from_shipped"):
         stage = f"{stage}-continued"
+    if not ctx.main_process:  # the other processes of `accelerate launch` leave logging to the main one
+        return res
     log_path = ctx.out / "training_log.json"
     if log_path.exists():     # another stage may have finished meanwhile: merge, don't overwrite
         ctx.log = {**json.loads(log_path.read_text()), **ctx.log}
@@ -895,6 +941,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.warmup is not None and a.stage not in COSINE_STAGES:
         p.error(f"--warmup is for the stages {COSINE_STAGES}, not {a.stage!r}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:        # under `accelerate launch` / torchrun
+        if a.stage not in DATA_PARALLEL_STAGES:
+            p.error(f"under accelerate launch only the stages {DATA_PARALLEL_STAGES} run data parallel, "
+                    f"not {a.stage!r}: run it in one process")
+        from accelerate import PartialState  # noqa: PLC0415
+
+        device = PartialState(cpu=device.type == "cpu").device          # cuda:<local rank>, or cpu
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if device.type == "cuda":
