@@ -160,6 +160,22 @@ def profile_image(pipe, prompt: str, num_inference_steps: int = 25, guidance_sca
     return out
 
 
+def unet_batch_ratio(pipe, repeats: int = 15) -> dict:
+    """Seconds of one U-Net call at batch 2 (a guided step) and at batch 1 (unguided), interleaved,
+    on the pipeline's own latent size; and their ratio (2.0 would mean time follows FLOPs)."""
+    unet = pipe.unet
+    side, width = unet.config.sample_size, unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    inputs = {b: (torch.randn(b, unet.config.in_channels, side, side, generator=g),
+                  torch.randn(b, 77, width, generator=g)) for b in (1, 2)}
+    with torch.no_grad():
+        t = interleaved_times({f"batch_{b}": (lambda b=b: unet(inputs[b][0], 500,
+                                                                 encoder_hidden_states=inputs[b][1]))
+                               for b in (1, 2)}, repeats=repeats, warmup=2)
+    return {"batch_1_s": asdict(t["batch_1"]), "batch_2_s": asdict(t["batch_2"]),
+            "ratio": t["batch_2"].median / t["batch_1"].median}
+
+
 # ----------------------------------------------------------------------------- 1. FLOPs
 class _Decode(nn.Module):
     """vae.decode(z).sample as a module, so that `forward_flops` can count it."""
@@ -548,6 +564,7 @@ def measure(quick: bool = False) -> dict:
 
     res["profile"] = {"guided": profile_image(pipe, prompt, 25, 5.0),
                       "unguided": profile_image(pipe, prompt, 25, 1.0)}
+    res["unet_batch"] = unet_batch_ratio(pipe, repeats=5 if quick else 15)
     res["load_profile"] = load_average(); stage.update()
 
     res["attention"] = attention_sweep((256, 1024, 2048) if quick else (256, 512, 1024, 2048, 4096),
@@ -612,6 +629,12 @@ def markdown(res: dict) -> str:
     for name, r in p.items():
         lines.append(f"| {name} ({r['guidance_scale']}) | {r['total_s']:.3f} | {r['text_encoder_s']:.3f} | "
                      f"{r['unet_s']:.3f} | {r['unet_calls']} | {r['vae_decode_s']:.3f} | {r['other_s']:.3f} |")
+    if "unet_batch" in res:
+        ub = res["unet_batch"]
+        lines += ["", f"The two profiles ran one after the other, not interleaved. Interleaved U-Net calls "
+                  f"(n = {ub['batch_1_s']['n']} each): batch 1 {_fmt_t(ub['batch_1_s'])} s, batch 2 "
+                  f"{_fmt_t(ub['batch_2_s'])} s: a guided step costs {ub['ratio']:.2f}x an unguided one"
+                  + (f" (measured {ub['date']}, load {ub['load_average_1min']})" if "date" in ub else "") + "."]
     lines += ["", "FLOPs on the meta device (guidance on; batch 2 through the U-Net):", "",
               "| model | image | text encoder(s) GFLOP | U-Net step TFLOP | VAE decode TFLOP |",
               "|---|---:|---:|---:|---:|"]
@@ -663,12 +686,17 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+ONLY = {"unet_batch": unet_batch_ratio}     # parts `--only` can re-measure on their own
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(prog="python -m ldm_tutorial.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", action="store_true", help="run every measurement and write the results")
     p.add_argument("--quick", action="store_true", help="small samples (a test of the run itself)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the chapter's setting)")
+    p.add_argument("--only", choices=sorted(ONLY), default=None,
+                   help="re-measure only this part and merge it into the existing results")
     p.add_argument("--json", type=Path, default=None, help="default: ldm_tutorial/results/production.json")
     p.add_argument("--markdown", type=Path, default=None, help="default: benchmarks/production.md")
     a = p.parse_args(argv)
@@ -679,9 +707,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     torch.set_num_threads(a.threads)
     from .results import path  # noqa: PLC0415
 
-    res = measure(quick=a.quick)
     json_path = a.json or path(RESULTS_NAME)
     md_path = a.markdown or REPO / "benchmarks" / "production.md"
+    if a.only:          # re-measure one part and merge it into the committed results
+        from .models import load_pipeline  # noqa: PLC0415
+
+        res = json.loads(json_path.read_text())
+        pipe = load_pipeline("tiny", verbose=False)
+        res[a.only] = {**ONLY[a.only](pipe), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "load_average_1min": load_average()}
+    else:
+        res = measure(quick=a.quick)
     json_path.write_text(json.dumps(res, indent=1) + "\n")
     md_path.write_text(markdown(res))
     print(f"wrote {json_path} and {md_path}")
