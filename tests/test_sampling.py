@@ -223,3 +223,12 @@ def test_the_defaults_are_the_documented_ones(pipe):
                guidance_rescale=0.0, generator=torch.Generator().manual_seed(8), output_type="latent").images
     torch.testing.assert_close(ours.latents, ref, atol=1e-4, rtol=0)
     assert len(ours.timesteps) == 25 and ours.trajectory == []
+
+
+def test_given_latents_are_cast_to_the_unets_dtype(pipe):
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(12))
+    kw = dict(num_inference_steps=2, guidance_scale=3.0)
+    single = sample(pipe, "a red cross", latents=noise, **kw)
+    double = sample(pipe, "a red cross", latents=noise.double(), **kw)          # float64 in, the U-Net is float32
+    assert double.latents.dtype == torch.float32
+    torch.testing.assert_close(double.latents, single.latents, atol=1e-6, rtol=0)
