@@ -96,6 +96,25 @@ def load_average() -> float:
 
 
 # ----------------------------------------------------------------------------- 1. profiler
+class _QuietNativeStderr:
+    """Send file descriptor 2 to /dev/null while the profiler starts and stops: torch 2.13's
+    kineto writes "profiler_start/stop" lines there from C++ (no setting turns them off), and a
+    notebook would show them as stderr output. Python exceptions still propagate."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+        return False
+
+
 class _Label:
     """Forward hooks that open a torch.profiler `record_function` range around a module's forward."""
 
@@ -142,7 +161,7 @@ def profile_image(pipe, prompt: str, num_inference_steps: int = 25, guidance_sca
     labels = [_Label(m, name) for name, m in modules.items()]
     try:
         sample(pipe, "warm-up", num_inference_steps=1)                 # first-call costs out
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _QuietNativeStderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function("image"):
                 sample(pipe, prompt, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale,
@@ -290,7 +309,8 @@ def largest_op_allocation(fn: Callable[[], object]) -> int:
     what several live tensors hold together is not summed."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _QuietNativeStderr(), torch.no_grad(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return max([e.self_cpu_memory_usage for e in prof.events()] + [0])
 
