@@ -7,6 +7,10 @@ repository's files are absent, reads the same figures as CI.
 
     ldm.results.load("guidance")          # written by python -m ldm_tutorial.guidance --sweep
     ldm.results.load("scaling_factor")    # written by scripts/scaling_factor_eval.py
+    ldm.results.load("cross_attention")   # written by scripts/cross_attention_eval.py
+    ldm.results.load("image_editing")     # written by python -m ldm_tutorial.editing --sweep
+    ldm.results.load("latent_space")      # written by python -m ldm_tutorial.inversion --sweep
+    ldm.results.load("production")        # written by python -m ldm_tutorial.perf --measure
 """
 from __future__ import annotations
 
