@@ -165,3 +165,13 @@ def test_section_numbers_read_ranges_lists_and_single_sections():
 
 def test_every_research_level_entry_still_names_a_question():
     assert bank.stale_research_keys() == []
+
+
+def test_every_chapter_setup_cell_comes_from_the_template():
+    stale = [md.relative_to(ROOT) for md in setup_cell.chapters()
+             if setup_cell.main(["--check", str(md)]) != 0]
+    assert not stale, f"run `make sync`: these chapters' setup cells differ from scripts/setup_cell.py: {stale}"
+
+
+def test_interview_bank_is_up_to_date_with_the_chapters():
+    assert bank.main(["--check"]) == 0, "run `make sync` (scripts/interview_bank.py)"
