@@ -275,3 +275,14 @@ def test_truncation_warning_names_the_dropped_words():
         checks.warn_truncation(tok, [" ".join(body + tail)])
     shown = " ".join(tail)[:117] + "..."
     assert str(record[0].message).endswith(f"so 40 tokens were dropped: {shown!r}")
+
+
+def test_dropped_words_are_shown_whole_up_to_120_characters():
+    tok = _tokenizer()
+    body = " ".join(["red"] * (tok.model_max_length - 2))
+    exactly_120, over = " ".join(["circle"] * 17 + ["a"]), " ".join(["circle"] * 17 + ["an"])
+    assert (len(exactly_120), len(over)) == (120, 121)
+    for text, shown in ((exactly_120, exactly_120), (over, over[:117] + "...")):
+        with pytest.warns(UserWarning) as record:
+            checks.warn_truncation(tok, [f"{body} {text}"])
+        assert str(record[0].message).endswith(f"dropped: {shown!r}")
