@@ -232,3 +232,11 @@ def test_given_latents_are_cast_to_the_unets_dtype(pipe):
     double = sample(pipe, "a red cross", latents=noise.double(), **kw)          # float64 in, the U-Net is float32
     assert double.latents.dtype == torch.float32
     torch.testing.assert_close(double.latents, single.latents, atol=1e-6, rtol=0)
+
+
+def test_a_batch_of_three_matches_the_pipeline(pipe):
+    prompts = ["a red circle", "a green cross", "a small blue square on the right"]
+    ours = sample(pipe, prompts, num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(7))
+    ref = pipe(prompts, num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    torch.testing.assert_close(ours.latents, ref, atol=1e-4, rtol=0)
