@@ -1,13 +1,17 @@
 """Summarise a mutmut run per module into benchmarks/mutation.md.
 
     make mutation                     # runs mutmut over the core modules, then this script
-    .venv/bin/python scripts/mutation_report.py [--seconds S]
+    .venv/bin/python scripts/mutation_report.py [--seconds S] [--merge]
 
 Reads `mutmut results --all true` (one "name: status" line per mutant) and the reviewed list of
 equivalent mutants, `benchmarks/mutation_equivalent.txt` ("mutant name  # why it cannot be told
 apart"). A mutant is killed when a test fails (or times out) with it in place; survived when every
-selected test passes; equivalent when review found it changes no behaviour. The score is
-killed / (killed + survived - equivalent).
+selected test passes; equivalent when review found it changes no behaviour; not run when mutmut has
+no verdict for it yet (a run over a sample, or one stopped early). The score is
+killed / (killed + survived), equivalent mutants left out.
+
+--merge keeps the rows of modules this run did not cover from the existing report (a run over some
+modules only), and everything from a "## Notes" heading on is kept as written by hand.
 """
 from __future__ import annotations
 
@@ -38,7 +42,11 @@ def read_equivalent(path: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=None, help="wall time of the mutmut run, for the table")
+    ap.add_argument("--merge", action="store_true", help="keep the existing rows of modules not in this run")
     a = ap.parse_args()
+    report = ROOT / "benchmarks" / "mutation.md"
+    old = report.read_text() if report.exists() else ""
+    notes = old[old.index("## Notes"):] if "## Notes" in old else ""
     mutmut = Path(sys.executable).with_name("mutmut")
     text = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout
@@ -58,6 +66,8 @@ def main() -> None:
         elif status in ("survived", "no tests"):     # no test reaches it: as good as survived
             counts[module]["survived"] += 1
             survivors.append(f"{name} ({status})")
+        elif status == "not checked":
+            counts[module]["not run"] += 1
         else:
             counts[module][status] += 1
     lines = ["# Mutation testing", "",
@@ -69,17 +79,35 @@ def main() -> None:
              f"- machine: {cpu_name()}, {platform.machine()}, Python {platform.python_version()}",
              f"- date: {datetime.date.today().isoformat()}"
              + (f"; the run took {a.seconds / 60:.0f} min" if a.seconds else ""), "",
-             "| module | killed | survived | equivalent | other | score |", "|---|---:|---:|---:|---:|---:|"]
+             "| module | killed | survived | equivalent | not run | other | score |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = {}
+    if a.merge:
+        for line in old.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("| ldm_tutorial.") and cells[0] not in counts:
+                if len(cells) == 6:              # a report written before the "not run" column
+                    cells = cells[:4] + ["0"] + cells[4:]
+                rows[cells[0]] = "| " + " | ".join(cells) + " |"
     for module in sorted(counts):
         c = counts[module]
-        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "equivalent"))
+        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "equivalent", "not run"))
         denom = c["killed"] + c["survived"]
         score = f"{100 * c['killed'] / denom:.0f}%" if denom else "-"
-        lines.append(f"| {module} | {c['killed']} | {c['survived']} | {c['equivalent']} | {other} | {score} |")
-    if survivors:
-        lines += ["", "## Survivors not yet reviewed", ""] + [f"- `{s}`" for s in survivors]
-    (ROOT / "benchmarks" / "mutation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:12 + len(counts)]))
+        rows[module] = (f"| {module} | {c['killed']} | {c['survived']} | {c['equivalent']} | {c['not run']} | "
+                        f"{other} | {score} |")
+    lines += [rows[m] for m in sorted(rows)]
+    if a.merge and "## Survivors not yet reviewed" in old:      # keep the other modules' survivors listed
+        kept = [line for line in old.split("## Survivors not yet reviewed", 1)[1].split("\n## ", 1)[0].splitlines()
+                if line.startswith("- `") and line[3:].split(".x", 1)[0] not in counts]
+        survivors_lines = kept
+    else:
+        survivors_lines = []
+    survivors_lines += [f"- `{s}`" for s in survivors]
+    if survivors_lines:
+        lines += ["", "## Survivors not yet reviewed", ""] + survivors_lines
+    report.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
+    print("\n".join(lines[:12 + len(rows)]))
 
 
 if __name__ == "__main__":
