@@ -289,3 +289,16 @@ def test_dropped_words_are_shown_whole_up_to_120_characters():
         with pytest.warns(UserWarning) as record:
             checks.warn_truncation(tok, [f"{body} {text}"])
         assert str(record[0].message).endswith(f"dropped: {shown!r}")
+
+
+def test_image_size_takes_any_positive_multiple_even_one():
+    assert checks.image_size(1, 3, 1, 64) == (1, 3)
+    with pytest.raises(ValueError, match="got 0$"):
+        checks.image_size(0, None, 1, 64)
+
+
+def test_a_list_of_one_generator_is_the_generator_itself(pipe):
+    kw = dict(num_inference_steps=2, guidance_scale=3.0)
+    alone = sample(pipe, "a red cross", generator=torch.Generator().manual_seed(21), **kw)
+    listed = sample(pipe, "a red cross", generator=[torch.Generator().manual_seed(21)], **kw)
+    torch.testing.assert_close(listed.latents, alone.latents, atol=0, rtol=0)
