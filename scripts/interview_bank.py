@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from check_book import toc_pages  # noqa: E402  (the table of contents, read one way for both scripts)
 PAGE = ROOT / "book" / "interview.md"
 
 # (chapter folder, start of the question) for the research-engineer questions.
@@ -77,22 +77,8 @@ def slugify(title: str) -> str:
 
 
 def toc_chapters(toc: Path = ROOT / "_toc.yml") -> list[Path]:
-    data = yaml.safe_load(toc.read_text())
-    files = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "file":
-                    files.append(v)
-                else:
-                    walk(v)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(data.get("chapters", []))
-    return [ROOT / f"{f}.md" for f in files if f.count("/") == 2]
+    """The chapters (book/NN_x/x) of the table of contents, in book order."""
+    return [ROOT / f"{page}.md" for page in toc_pages(toc) if page.count("/") == 2]
 
 
 def section_numbers(text: str) -> list[int]:
