@@ -250,16 +250,16 @@ def check_search(driver, base: str, words: dict[str, str]) -> list[str]:
     problems = []
     for page, word in words.items():
         driver.get(base + "search.html?q=" + urllib.parse.quote(word))
-        found, end = [], time.time() + 20
-        while time.time() < end:
-            found = driver.execute_script(
-                "return Array.from(document.querySelectorAll('#search-results a')).map((a) => a.href);")
+        end = time.time() + 30
+        while time.time() < end:          # Sphinx adds results one by one, then writes the summary
             done = driver.execute_script(
                 "const s = document.querySelector('#search-results p.search-summary');"
                 "return s ? s.innerText : '';")
-            if found or done:
+            if done:
                 break
             time.sleep(0.2)
+        found = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#search-results a')).map((a) => a.href);")
         if not any(f"{page}.html" in h for h in found):
             problems.append(f"search for {word!r} does not find {page} ({len(found)} results)")
     return problems
