@@ -165,17 +165,6 @@ def guided_sample(pipe, prompt: str | list[str], negative_prompt: str | list[str
                         timesteps=[int(t) for t in scheduler.timesteps])
 
 
-def slider_html(images: torch.Tensor, labels: list[str], size: float = 3.0) -> str:
-    """A kernel-free slider over precomputed frames (the book's shared `ldm.plotting.slider_html`).
-
-    images (F, 3, H, W) in [-1, 1], one label per frame; `size` in inches at 96 dpi, as the
-    chapter's other figures.
-    """
-    from .plotting import slider_html as _slider  # noqa: PLC0415
-
-    return _slider(images.clamp(-1, 1), labels, width=int(size * 96), alt="guidance scale explorer")
-
-
 def timestep_for_sigma(scheduler, sigma: float) -> int:
     """The training timestep whose noise level sqrt((1 - a_t) / a_t) is closest to `sigma`."""
     if sigma <= 0:

@@ -178,4 +178,4 @@ def test_one_scale_per_image_matches_one_run_per_scale(pipe, noise):
         one = G.guided_sample(pipe, PROMPTS[0], guidance_scale=wi, num_inference_steps=5, latents=noise[:1])
         torch.testing.assert_close(both.latents[i:i + 1], one.latents, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="labels"):
-        G.slider_html(both.images, ["only one"])
+        ldm.slider_html(both.images, ["only one"])
