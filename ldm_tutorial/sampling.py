@@ -68,7 +68,6 @@ def set_timesteps(scheduler, num_inference_steps: int, device=None, sigmas: list
     return scheduler.timesteps
 
 
-@torch.no_grad()
 def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = "", num_inference_steps: int = 25,
            guidance_scale: float = 5.0, generator: torch.Generator | list[torch.Generator] | None = None,
            latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
@@ -101,70 +100,72 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: PLC0415
     from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
 
-    # 1. Check inputs (shared with the editing helpers: ldm_tutorial/checks.py)
-    prompts = checks.prompts(prompt)
-    negatives = checks.negative_prompts(negative_prompt, len(prompts))
-    num_inference_steps = checks.positive_int(num_inference_steps, "num_inference_steps")
-    guidance_scale = checks.finite_number(guidance_scale, "guidance_scale")
-    guidance_rescale = checks.finite_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
-    guidance_interval = checks.interval(guidance_interval)
-    eta = checks.finite_number(eta, "eta", 0.0, 1.0)
-    generator = checks.generators(generator, len(prompts))
-    vsf = pipe.vae_scale_factor
-    height, width = checks.image_size(height, width, vsf, pipe.unet.config.sample_size * vsf)
-    checks.warn_truncation(pipe.tokenizer, prompts)
-    if do_cfg := guidance_scale > 1.0:
-        checks.warn_truncation(pipe.tokenizer, negatives, "negative_prompt")
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    # no_grad as a context, not a decorator: mutmut 3 skips decorated functions (benchmarks/mutation.md)
+    with torch.no_grad():
+        # 1. Check inputs (shared with the editing helpers: ldm_tutorial/checks.py)
+        prompts = checks.prompts(prompt)
+        negatives = checks.negative_prompts(negative_prompt, len(prompts))
+        num_inference_steps = checks.positive_int(num_inference_steps, "num_inference_steps")
+        guidance_scale = checks.finite_number(guidance_scale, "guidance_scale")
+        guidance_rescale = checks.finite_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+        guidance_interval = checks.interval(guidance_interval)
+        eta = checks.finite_number(eta, "eta", 0.0, 1.0)
+        generator = checks.generators(generator, len(prompts))
+        vsf = pipe.vae_scale_factor
+        height, width = checks.image_size(height, width, vsf, pipe.unet.config.sample_size * vsf)
+        checks.warn_truncation(pipe.tokenizer, prompts)
+        if do_cfg := guidance_scale > 1.0:
+            checks.warn_truncation(pipe.tokenizer, negatives, "negative_prompt")
+        device, dtype = pipe.unet.device, pipe.unet.dtype
 
-    # 2. Encode the prompt (and the negative prompt for guidance)
-    prompt_embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompts, device)       # (B, 77, D)
-    if do_cfg:
-        negative_prompt_embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, negatives, device)
-        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])                  # (2B, 77, D)
+        # 2. Encode the prompt (and the negative prompt for guidance)
+        prompt_embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, prompts, device)       # (B, 77, D)
+        if do_cfg:
+            negative_prompt_embeds = encode_prompt(pipe.tokenizer, pipe.text_encoder, negatives, device)
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])                  # (2B, 77, D)
 
-    # 3. Timesteps
-    scheduler = pipe.scheduler
-    set_timesteps(scheduler, num_inference_steps, device=device, sigmas=sigmas)
+        # 3. Timesteps
+        scheduler = pipe.scheduler
+        set_timesteps(scheduler, num_inference_steps, device=device, sigmas=sigmas)
 
-    # 4. Initial latents: Gaussian noise scaled by the scheduler's initial sigma
-    shape = (len(prompts), pipe.unet.config.in_channels, height // vsf, width // vsf)     # (B, C, h, w)
-    if latents is None:            # randn_tensor: what the pipelines call; a list seeds image by image
-        first = generator[0] if isinstance(generator, list) else generator
-        latents = randn_tensor(shape, generator=generator, dtype=dtype,
-                               device=torch.device("cpu") if first is None else first.device).to(device)
-    elif tuple(latents.shape) != shape:
-        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-    # (flow-matching schedulers start from unit noise and have no init_noise_sigma / scale_model_input)
-    latents = latents.to(device, dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+        # 4. Initial latents: Gaussian noise scaled by the scheduler's initial sigma
+        shape = (len(prompts), pipe.unet.config.in_channels, height // vsf, width // vsf)     # (B, C, h, w)
+        if latents is None:            # randn_tensor: what the pipelines call; a list seeds image by image
+            first = generator[0] if isinstance(generator, list) else generator
+            latents = randn_tensor(shape, generator=generator, dtype=dtype,
+                                   device=torch.device("cpu") if first is None else first.device).to(device)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        # (flow-matching schedulers start from unit noise and have no init_noise_sigma / scale_model_input)
+        latents = latents.to(device, dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
 
-    step_kwargs = {}
-    step_params = inspect.signature(scheduler.step).parameters
-    if "eta" in step_params:
-        step_kwargs["eta"] = eta
-    if "generator" in step_params:
-        step_kwargs["generator"] = generator
+        step_kwargs = {}
+        step_params = inspect.signature(scheduler.step).parameters
+        if "eta" in step_params:
+            step_kwargs["eta"] = eta
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
 
-    # 5. Denoising loop
-    trajectory = []
-    for t in scheduler.timesteps:
-        guide = do_cfg and (guidance_interval is None
-                            or guidance_interval[0] <= float(t) <= guidance_interval[1])
-        latent_model_input = torch.cat([latents] * 2) if guide else latents               # (2B, C, h, w)
-        if hasattr(scheduler, "scale_model_input"):
-            latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-        embeds = prompt_embeds if guide or not do_cfg else prompt_embeds.chunk(2)[1]      # the prompt half
-        noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=embeds).sample
-        if guide:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-            if guidance_rescale > 0.0:
-                noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-        if keep_trajectory:
-            trajectory.append(latents.detach().cpu())
+        # 5. Denoising loop
+        trajectory = []
+        for t in scheduler.timesteps:
+            guide = do_cfg and (guidance_interval is None
+                                or guidance_interval[0] <= float(t) <= guidance_interval[1])
+            latent_model_input = torch.cat([latents] * 2) if guide else latents               # (2B, C, h, w)
+            if hasattr(scheduler, "scale_model_input"):
+                latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+            embeds = prompt_embeds if guide or not do_cfg else prompt_embeds.chunk(2)[1]      # the prompt half
+            noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=embeds).sample
+            if guide:
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                if guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if keep_trajectory:
+                trajectory.append(latents.detach().cpu())
 
-    # 6. Decode: undo the scaling factor, then the VAE decoder
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample                # (B, 3, H, W)
-    return SampleOutput(images=images.clamp(-1, 1), latents=latents,
-                        timesteps=[t.item() for t in scheduler.timesteps], trajectory=trajectory)
+        # 6. Decode: undo the scaling factor, then the VAE decoder
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample                # (B, 3, H, W)
+        return SampleOutput(images=images.clamp(-1, 1), latents=latents,
+                            timesteps=[t.item() for t in scheduler.timesteps], trajectory=trajectory)
