@@ -693,3 +693,173 @@ def test_patch_discriminator_is_pix2pix_70x70_patchgan():
     assert slopes == {0.2} and sum(isinstance(m, torch.nn.GroupNorm) for m in disc.modules()) == 3
     assert [c.bias is None for c in convs] == [False, True, True, True, False]    # the norm has the bias
     assert PatchDiscriminator(width=8, n_layers=2)(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 30, 30)
+
+
+# ----------------------------------------------------------------------------- the autoencoder loss, term by term
+class _FakeLPIPS(torch.nn.Module):
+    """The `lpips` package's interface (lpips.LPIPS, v0.1): `net` defaults to "alex", `verbose` to True
+    (it prints a set-up line), and calling it on two (B, 3, H, W) batches returns (B, 1, 1, 1)."""
+
+    made: list = []
+
+    def __init__(self, pretrained=True, net="alex", version="0.1", lpips=True, spatial=False,
+                 pnet_rand=False, pnet_tune=False, use_dropout=True, model_path=None, eval_mode=True,
+                 verbose=True):
+        super().__init__()
+        _FakeLPIPS.made.append({"net": net, "verbose": verbose})
+        if verbose:
+            print(f"Setting up [LPIPS] perceptual loss: trunk [{net}], v[{version}], spatial [off]")
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, in0, in1):
+        return self.scale * ((in0 - in1) ** 2).mean((1, 2, 3), keepdim=True) + in0.mean((1, 2, 3), keepdim=True)
+
+
+def test_lpips_kind_builds_the_vgg_lpips_quietly_and_calls_it_on_both_images(monkeypatch, capsys):
+    """LDM's autoencoder uses LPIPS with the VGG16 trunk (taming-transformers' LPIPS); the real package
+    is not installed here, so a stand-in with its interface records how it is built and called."""
+    import sys
+    import types
+
+    from ldm_tutorial.losses import Perceptual
+
+    _FakeLPIPS.made = []
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=_FakeLPIPS))
+    perc = Perceptual(kind="lpips")
+    assert perc.kind == "lpips" and _FakeLPIPS.made == [{"net": "vgg", "verbose": False}]
+    assert capsys.readouterr().out == ""
+    assert not any(p.requires_grad for p in perc.parameters())         # frozen, as the random trunk
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    want = ((x - y) ** 2).mean((1, 2, 3)) + x.mean((1, 2, 3))             # (x, y) in that order
+    torch.testing.assert_close(perc(x, y), want)
+    assert perc(x, y).shape == (3,)
+
+
+def test_the_random_perceptual_trunk_is_frozen():
+    from ldm_tutorial.losses import Perceptual
+
+    perc = Perceptual(width=8)
+    assert sum(p.numel() for p in perc.parameters()) > 0
+    assert not any(p.requires_grad for p in perc.parameters()) and not perc.training
+
+
+def test_patch_discriminator_caps_its_width_at_eight_times_the_first_layer():
+    """pix2pix's NLayerDiscriminator: channels ndf * min(2**n, 8), so a 5-layer one stops growing at 8x."""
+    disc = PatchDiscriminator(width=4, n_layers=5)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 32, 32, 32, 1]
+
+
+def test_adaptive_weight_is_clamped_to_ten_thousand_and_is_a_constant():
+    """taming-transformers clamps the adaptive weight to [0, 1e4]: a GAN loss that barely touches the
+    last layer would otherwise get a weight of ||grad rec|| / 1e-4."""
+    from ldm_tutorial.losses import adaptive_weight
+
+    last = torch.nn.Parameter(torch.ones(4, 4))
+    rec = (last ** 2).sum()                                   # gradient 2 everywhere: norm 8
+    tiny_g = 1e-9 * last.sum()
+    w = adaptive_weight(rec, tiny_g, last)
+    assert w.item() == 1e4 and not w.requires_grad
+    assert adaptive_weight(rec, tiny_g, last, max_weight=50.0).item() == 50.0
+    g = 2.0 * last.sum()                                      # gradient 2 everywhere: norm 8
+    assert adaptive_weight(rec, g, last).item() == pytest.approx(8 / (8 + 1e-4))
+
+
+def _loss_inputs(batch=2, side=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, side, side, generator=gen) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    return x, x_hat, torch.tensor([40.0, 90.0][:batch])
+
+
+def test_generator_loss_l1_l2_perceptual_and_kl_terms_are_their_formulas():
+    from ldm_tutorial.losses import Perceptual
+
+    x, x_hat, kl = _loss_inputs()
+    perc = Perceptual(width=8, seed=3)
+    cfg = VAELossConfig(l1_weight=1.0, l2_weight=0.5, perceptual_weight=0.7, kl_weight=1e-3, use_gan=False)
+    loss, logs = VAELoss(cfg, perceptual=perc).generator_loss(x, x_hat, kl, step=0, last_layer=None)
+    with torch.no_grad():
+        p = perc(x, x_hat).mean()
+    rec = (x - x_hat).abs().mean() + 0.5 * ((x - x_hat) ** 2).mean() + 0.7 * p
+    want = rec + 1e-3 * kl.mean() / (3 * 16 * 16)
+    torch.testing.assert_close(loss, want)
+    assert logs == pytest.approx({"rec": rec.item(), "kl": 65.0, "loss": want.item()}, rel=1e-6)
+    # the perceptual network passed in is the one used, not a default one built beside it
+    default = VAELoss(cfg).generator_loss(x, x_hat, kl, step=0, last_layer=None)[0]
+    assert abs(default.item() - loss.item()) > 1e-4
+
+
+def test_kl_term_of_a_batch_of_one_divides_by_the_pixel_values_of_one_image():
+    x, _, kl = _loss_inputs(batch=1, side=8)
+    term = VAELoss(VAELossConfig(kl_weight=1.0, perceptual_weight=0.0, use_gan=False)).kl_term(kl, x)
+    assert term.item() == pytest.approx(40.0 / (3 * 8 * 8))
+
+
+def test_without_a_last_layer_the_gan_term_has_weight_one_and_starts_at_disc_start():
+    x, x_hat, kl = _loss_inputs(side=32)
+    disc = PatchDiscriminator(width=8)
+    cfg = VAELossConfig(perceptual_weight=0.0, kl_weight=0.0, disc_weight=0.5, disc_start=5)
+    loss_fn = VAELoss(cfg, discriminator=disc)
+    loss, logs = loss_fn.generator_loss(x, x_hat, kl, step=5, last_layer=None)
+    g = -disc(x_hat).mean()
+    torch.testing.assert_close(loss, (x - x_hat).abs().mean() + 0.5 * g)
+    assert logs["adaptive_weight"] == 1.0 and logs["g"] == pytest.approx(g.item())
+    assert loss_fn.discriminator_loss(x, x_hat, step=4) is None             # the discriminator waits too
+    assert loss_fn.discriminator_loss(x, x_hat, step=5) is not None
+
+
+# ----------------------------------------------------------------------------- parser and path edges
+def test_to_numpy_image_accepts_its_tolerance_and_clamps_into_0_1():
+    t = torch.zeros(3, 2, 2)
+    t[0, 0, 0], t[1, 0, 0], t[2, 0, 0] = -1.01, 1.01, -1.005          # inside the 0.01 tolerance
+    t[0, 1, 1] = 1.005
+    out = parser.to_numpy_image(t)
+    assert out.min() == 0.0 and out.max() == 1.0                        # clamped, not 1.0025
+    assert (out[0, 0] == [0.0, 1.0, 0.0]).all() and out[1, 1, 0] == 1.0
+    for beyond in (-1.02, 1.02):
+        with pytest.raises(ValueError, match="must be in"):
+            parser.to_numpy_image(torch.full((3, 2, 2), beyond))
+    edge = np.zeros((2, 2, 3))
+    edge[0, 0, 0], edge[1, 1, 1] = -1e-3, 1 + 1e-3                      # float arrays: 1e-3 of slack
+    np.testing.assert_array_equal(parser.to_numpy_image(edge), edge.astype(np.float32))
+    assert parser.to_numpy_image(np.ones((2, 2, 3))).max() == 1.0
+    with pytest.raises(ValueError, match="must be in"):
+        parser.to_numpy_image(np.full((2, 2, 3), 1.002))
+
+
+def test_square_template_of_a_taller_box_is_the_box():
+    """A square of side max(w, h) centred on a 10-wide, 11-tall box covers pixel centres strictly inside
+    it: the box's 10 columns (the next columns' centres lie exactly on the square's edge) and 11 rows."""
+    square = parser._templates((10, 10, 20, 21), (32, 32))[shapes.SHAPES.index("square")]
+    want = np.zeros((32, 32), bool)
+    want[10:21, 10:20] = True
+    np.testing.assert_array_equal(square, want)
+
+
+def test_foreground_is_chroma_strictly_above_its_threshold():
+    at = _block(_canvas(), 40, 40, 30, 30, (0, 0, 0))
+    at[40:70, 40:70, 0] = parser.CHROMA_MIN                              # chroma exactly 0.30: background
+    assert parser.parse_scene(at) == []
+    above = _block(_canvas(), 40, 40, 30, 30, (0, 0, 0))
+    above[40:70, 40:70, 0] = parser.CHROMA_MIN + 0.01
+    assert len(parser.parse_scene(above)) == 1
+
+
+def test_a_parsed_object_as_a_scene_object_is_the_rendered_one():
+    scene = shapes.Scene([SceneObject("green", "triangle", "large", "bottom left")])
+    (obj,) = parser.parse_scene(shapes.render([scene])[0])
+    assert obj.as_scene_object() == scene.objects[0]
+    assert parser.scene_matches([obj], scene)
+
+
+@pytest.mark.parametrize("path", ["vp", "flow"])
+def test_noising_paths_keep_half_precision_latents_in_half_precision(path):
+    from ldm_tutorial import schedules
+
+    g = torch.Generator().manual_seed(6)
+    x0, noise = torch.randn(2, 4, generator=g).half(), torch.randn(2, 4, generator=g).half()
+    fn = schedules.vp_path if path == "vp" else schedules.flow_path
+    out = fn(x0, noise, torch.tensor([0.9, 0.2]))                      # float32 schedule values
+    assert out.dtype == torch.float16

@@ -157,3 +157,59 @@ def test_hub_probe_true_when_the_port_answers(monkeypatch):
 def test_hub_timeout_is_checked(bad):
     with pytest.raises(ValueError, match=r"timeout must be a number of seconds in \(0, 5\]"):
         ldm.hub_available(timeout=bad)
+
+
+# ----------------------------------------------------------------------------- GPU paths, simulated
+@pytest.mark.parametrize("prefer", ["cuda", "cuda:1"])
+def test_cuda_is_returned_when_a_gpu_is_visible(monkeypatch, prefer):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ldm.pick_device(prefer) == torch.device(prefer)
+
+
+def test_cuda_without_gpu_says_what_to_use_instead(no_cuda):
+    with pytest.raises(ValueError) as info:
+        ldm.pick_device("cuda:0")
+    assert str(info.value) == "prefer='cuda' but no CUDA GPU is visible; use prefer=None or prefer='cpu'"
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_gpu_dtypes_and_bfloat16_only_where_supported(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert ldm.pick_dtype("cuda") == torch.float16                      # half by default on a GPU
+    assert ldm.pick_dtype("cuda", torch.float32) == torch.float32
+    assert ldm.pick_dtype("cuda", "float16") == torch.float16          # needs no bfloat16 support
+    if bf16:
+        assert ldm.pick_dtype("cuda:0", torch.bfloat16) == torch.bfloat16
+    else:
+        with pytest.raises(ValueError) as info:
+            ldm.pick_dtype("cuda", "bfloat16")
+        assert str(info.value) == "dtype=bfloat16 is not supported on this GPU; use float16"
+
+
+def test_hub_checks_wait_two_seconds_by_default(monkeypatch):
+    """The documented default: a chapter's first cell waits at most 2 s for huggingface.co."""
+    waits = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(runtime, "_PROBES", {})
+    monkeypatch.setattr(runtime, "_connect", lambda host, timeout: waits.append(timeout) or False)
+    assert ldm.hub_available() is False and waits == [2.0]
+    monkeypatch.setattr(runtime, "_PROBES", {})
+    assert runtime.hub_reason() == "offline (huggingface.co unreachable)" and waits == [2.0, 2.0]
+    monkeypatch.setattr(runtime, "_PROBES", {})
+    runtime.describe_runtime()
+    assert waits == [2.0] * 3                  # one probe, cached for describe_runtime's second ask
+
+
+def test_older_diffusers_gets_the_torch_dtype_keyword(monkeypatch):
+    """diffusers before 0.36 has no `_resolve_dtype` and only reads `torch_dtype`."""
+    import inspect
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import deprecation_utils
+
+    assert runtime.dtype_kwargs(torch.float16) == {"dtype": torch.float16}
+    monkeypatch.delattr(deprecation_utils, "_resolve_dtype")
+    kwargs = runtime.dtype_kwargs(torch.float16)
+    assert kwargs == {"torch_dtype": torch.float16}
+    assert '"torch_dtype"' in inspect.getsource(DiffusionPipeline.from_pretrained)   # the name it reads
