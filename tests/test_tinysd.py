@@ -552,3 +552,28 @@ def test_shipped_scaling_comparison_decodes_each_unet_as_it_was_trained():
     assert pipes["unscaled"].vae.config.scaling_factor == 1.0   # raw latents: decoded as trained
     assert pipe.vae.config.scaling_factor == pytest.approx(0.3788, abs=1e-4)   # the shared VAE untouched
     assert pipes["unscaled"].text_encoder is pipe.text_encoder
+
+
+def test_worst_pixel_loss_sees_a_corner_defect_a_mean_loss_dilutes():
+    from ldm_tutorial.tinysd.train import stage_kwargs, train_vae, worst_pixel_loss
+
+    x = torch.zeros(2, 3, 128, 128)
+    x_hat = x.clone()
+    x_hat[:, :, :6, :6] = 0.3                      # a 6x6 smudge: squared error 0.09 on 36 pixels
+    mse = float((x_hat - x).pow(2).mean())
+    assert mse == pytest.approx(0.09 * 36 / 128**2)                        # diluted 455x
+    assert float(worst_pixel_loss(x, x_hat, 36 / 128**2)) == pytest.approx(0.09)
+    # the worst 1% (164 pixels) holds the 36 bad ones: 36/164 of the error, 36x the mean loss
+    assert float(worst_pixel_loss(x, x_hat, 0.01)) == pytest.approx(0.09 * 36 / 164)
+    x_hat[1] = 0.0                                 # a clean image adds no loss of its own
+    assert float(worst_pixel_loss(x, x_hat, 36 / 128**2)) == pytest.approx(0.045)
+    for bad in (dict(worst_frac=1.0), dict(worst_frac=-0.1), dict(worst_weight=-1.0)):
+        with pytest.raises(ValueError, match="worst_frac"):
+            train_vae(None, None, **bad)                                     # refused before any setup
+    import argparse
+
+    a = argparse.Namespace(continue_shipped=True, batch=None, lr=None, vae_loss="ft-mse-worst", pool=None,
+                           cosine=False)
+    kw = stage_kwargs(a, "vae")
+    assert kw["decoder_only"] and kw["worst_frac"] == 0.01 and kw["worst_weight"] > 0
+    assert kw["loss_cfg"].l2_weight == 1.0 and not kw["loss_cfg"].use_gan

@@ -302,12 +302,17 @@ def _vae_batch(ctx: Ctx, images, rng, photos, gen, batch: int, photo_frac: float
 
 def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo_frac: float = 0.25,
               disc_start_frac: float = 0.45, loss_cfg=None, name: str = "vae", vae_overrides: dict | None = None,
-              decoder_only: bool = False) -> dict:
+              decoder_only: bool = False, worst_frac: float = 0.0, worst_weight: float = 0.0) -> dict:
     """Train AutoencoderKL with L1 + perceptual + PatchGAN (adaptive weight, warm-up) + KL 1e-6.
 
     decoder_only: fine-tune the shipped VAE's decoder with the encoder frozen (what Stability did
     for sd-vae-ft-mse): the latent space, its scaling factor and every U-Net trained on it stay valid.
+    worst_frac / worst_weight: add worst_weight x the mean squared error of each image's worst
+    worst_frac of pixels. A defect a few pixels wide (a corner smudge, a colour fringe) is a tiny
+    share of a mean loss; this term is where it shows (`worst_pixel_loss`).
     """
+    if not 0.0 <= worst_frac < 1.0 or worst_weight < 0.0:
+        raise ValueError(f"worst_frac must be in [0, 1) and worst_weight >= 0, got {worst_frac}, {worst_weight}")
     from ldm_tutorial.losses import VAELoss, VAELossConfig  # noqa: PLC0415
 
     torch.manual_seed(ctx.seed)
@@ -354,6 +359,10 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
             z = post.sample(generator=None)
             x_hat = vae.decode(z).sample
             loss, logs = lossf.generator_loss(x, x_hat.float(), post.kl(), step, last_layer)
+            if worst_weight > 0.0:
+                worst = worst_pixel_loss(x, x_hat.float(), worst_frac)
+                loss = loss + worst_weight * worst
+                logs["worst"] = worst.item()
         optimiser_step(opt, loss)
         if opt_d is not None:
             with ctx.autocast:
@@ -374,6 +383,16 @@ def train_vae(ctx: Ctx, budget: Budget, batch: int = 48, lr: float = 2e-4, photo
     return {"steps": step, "scaling_factor": sf, "disc_start": lossf.cfg.disc_start, **{k: float(v) for k, v in logs.items()},
             "seconds": elapsed, "loss_weights": {"l1": c.l1_weight, "l2": c.l2_weight, "perceptual": c.perceptual_weight,
                                                  "gan": c.use_gan}}
+
+
+WORST_WEIGHT = 0.1
+
+
+def worst_pixel_loss(x: torch.Tensor, x_hat: torch.Tensor, frac: float) -> torch.Tensor:
+    """Mean over images of the mean squared error (over channels) of each image's worst `frac` of pixels."""
+    err = (x_hat - x).pow(2).mean(1).flatten(1)                  # (B, H*W)
+    k = max(1, int(round(frac * err.shape[1])))
+    return err.topk(k, dim=1).values.mean()
 
 
 @torch.no_grad()
@@ -908,9 +927,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--taesd-pool", "--pool", dest="pool", type=int, default=None,
                    help="taesd / inpaint: precompute the VAE's work for this many examples (the CPU route)")
-    p.add_argument("--vae-loss", choices=("recipe", "ft-mse"), default="recipe",
+    p.add_argument("--vae-loss", choices=("recipe", "ft-mse", "ft-mse-worst"), default="recipe",
                    help="recipe: L1 + perceptual + PatchGAN + KL (LDM); ft-mse: MSE + 0.1 perceptual, no GAN "
-                        "(how Stability fine-tuned sd-vae-ft-mse's decoder)")
+                        "(how Stability fine-tuned sd-vae-ft-mse's decoder); ft-mse-worst: ft-mse plus "
+                        f"{WORST_WEIGHT} x the squared error of each image's worst 1%% of pixels")
     p.add_argument("--continue-shipped", action="store_true",
                    help="clip: start from the shipped tiny CLIP; vae: fine-tune the shipped VAE's decoder only; "
                         "unet / inpaint: continue the shipped U-Net; flow: start from the shipped epsilon U-Net; "
@@ -985,10 +1005,12 @@ def stage_kwargs(a: argparse.Namespace, stage: str) -> dict:
         kw["batch"] = a.batch
     if a.lr:
         kw["lr"] = a.lr
-    if stage == "vae" and a.vae_loss == "ft-mse":
+    if stage == "vae" and a.vae_loss in ("ft-mse", "ft-mse-worst"):
         from ldm_tutorial.losses import VAELossConfig  # noqa: PLC0415
 
         kw["loss_cfg"] = VAELossConfig(l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1, use_gan=False)
+        if a.vae_loss == "ft-mse-worst":   # + the worst 1% of each image's pixels (worst_pixel_loss)
+            kw.update(worst_frac=0.01, worst_weight=WORST_WEIGHT)
     if a.pool and stage in ("taesd", "inpaint"):
         kw["pool"] = a.pool
     if a.cosine and stage in COSINE_STAGES:
