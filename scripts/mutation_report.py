@@ -1,9 +1,10 @@
 """Summarise a mutmut run per module into benchmarks/mutation.md.
 
-    make mutation                     # runs mutmut over the core modules, then this script
-    .venv/bin/python scripts/mutation_report.py [--seconds S] [--merge]
+    make mutation                     # runs mutmut in build/mutation (a copy of HEAD), then this script
+    .venv/bin/python scripts/mutation_report.py [--dir build/mutation] [--seconds S] [--merge]
 
-Reads `mutmut results --all true` (one "name: status" line per mutant) and the reviewed list of
+Reads `mutmut results --all true` in the run's directory (`--dir`: where mutmut ran and keeps its
+mutants/ folder; one "name: status" line per mutant) and the reviewed list of
 equivalent mutants, `benchmarks/mutation_equivalent.txt` ("mutant name  # why it cannot be told
 apart"). A mutant is killed when a test fails (or times out) with it in place; survived when every
 selected test passes; equivalent when review found it changes no behaviour; not run when mutmut has
@@ -43,12 +44,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=None, help="wall time of the mutmut run, for the table")
     ap.add_argument("--merge", action="store_true", help="keep the existing rows of modules not in this run")
+    ap.add_argument("--dir", type=Path, default=ROOT, help="where mutmut ran (its mutants/ folder is there)")
     a = ap.parse_args()
     report = ROOT / "benchmarks" / "mutation.md"
     old = report.read_text() if report.exists() else ""
     notes = old[old.index("## Notes"):] if "## Notes" in old else ""
     mutmut = Path(sys.executable).with_name("mutmut")
-    text = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=ROOT, capture_output=True,
+    text = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=a.dir, capture_output=True,
                           text=True, check=True).stdout
     equivalent = read_equivalent(ROOT / "benchmarks" / "mutation_equivalent.txt")
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
