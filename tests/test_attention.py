@@ -179,3 +179,36 @@ def test_pooled_conditioning_run_exports_a_unet_without_attention(tmp_path):
         tinysd.load_conditioning_unet("mean")
     with pytest.raises(FileNotFoundError, match="--conditioning pooled-token"):
         tinysd.load_conditioning_unet("pooled-token", weights_dir=out)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["cross, masked, normed, residual", "self, spatial norm"])
+def test_processor_equals_diffusers_attn_processor_with_every_attention_option(variant):
+    """The capturing processor is diffusers' AttnProcessor with the probabilities exposed: on an
+    Attention layer using the options SD's U-Net leaves off (4-D input, group norm, a normed
+    context, a mask, spatial norm, a residual, an output rescale) both give the same output."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    if variant.startswith("cross"):
+        attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, norm_num_groups=4,
+                         cross_attention_norm="layer_norm", residual_connection=True,
+                         rescale_output_factor=2.0)
+        x = torch.randn(2, 8, 3, 3)
+        mask = torch.zeros(2, 1, 5)
+        mask[..., -1] = -1e4                                              # the last token masked out
+        kw = dict(encoder_hidden_states=torch.randn(2, 5, 6), attention_mask=mask)
+    else:
+        attn = Attention(query_dim=32, heads=2, dim_head=8, spatial_norm_dim=3, residual_connection=True)
+        x = torch.randn(2, 32, 2, 2)
+        kw = dict(temb=torch.randn(2, 3, 1, 1))
+    attn.to_out[0].bias.data.normal_()                                    # nothing left at zero
+    store = A.CrossAttentionStore()
+    ours = A._CrossAttnProcessor("layer", store, None, None)(attn, x, **kw)
+    torch.testing.assert_close(ours, AttnProcessor()(attn, x, **kw))
+    side, tokens = x.shape[-1], 5 if "attention_mask" in kw else x.shape[-1] ** 2
+    (probs,) = store.probs["layer"]
+    assert probs.shape == (2, 2, side * side, tokens) and store.side["layer"] == side
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, side * side))
+    if "attention_mask" in kw:
+        assert probs[..., -1].max() < 1e-6
