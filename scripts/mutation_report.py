@@ -67,6 +67,7 @@ def main() -> None:
             counts[module]["equivalent"] += 1
         elif status in ("survived", "no tests"):     # no test reaches it: as good as survived
             counts[module]["survived"] += 1
+            counts[module]["no tests"] += status == "no tests"
             survivors.append(f"{name} ({status})")
         elif status == "not checked":
             counts[module]["not run"] += 1
@@ -77,12 +78,13 @@ def main() -> None:
              "against the unit tests named in pyproject.toml's `[tool.mutmut]`). Killed: a test failed or timed",
              "out with the mutant in place. Survived: every selected test passed, or none reaches the code",
              "(\"no tests\"). Equivalent: reviewed, changes no behaviour (benchmarks/mutation_equivalent.txt",
-             "says why, one line each). Score: killed / (killed + survived).", "",
+             "says why, one line each). Score: killed / (killed + survived). \"no tests\": the survivors no",
+             "selected test reaches (counted in survived too).", "",
              f"- machine: {cpu_name()}, {platform.machine()}, Python {platform.python_version()}",
              f"- date: {datetime.date.today().isoformat()}"
              + (f"; the run took {a.seconds / 60:.0f} min" if a.seconds else ""), "",
-             "| module | killed | survived | equivalent | not run | other | score |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| module | killed | survived | no tests | equivalent | not run | other | score |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {}
     if a.merge:
         for line in old.splitlines():
@@ -90,13 +92,15 @@ def main() -> None:
             if line.startswith("| ldm_tutorial.") and cells[0] not in counts:
                 if len(cells) == 6:              # a report written before the "not run" column
                     cells = cells[:4] + ["0"] + cells[4:]
+                if len(cells) == 7:              # a report written before the "no tests" column
+                    cells = cells[:3] + ["-"] + cells[3:]
                 rows[cells[0]] = "| " + " | ".join(cells) + " |"
     for module in sorted(counts):
         c = counts[module]
-        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "equivalent", "not run"))
+        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "no tests", "equivalent", "not run"))
         denom = c["killed"] + c["survived"]
         score = f"{100 * c['killed'] / denom:.0f}%" if denom else "-"
-        rows[module] = (f"| {module} | {c['killed']} | {c['survived']} | {c['equivalent']} | {c['not run']} | "
+        rows[module] = (f"| {module} | {c['killed']} | {c['survived']} | {c['no tests']} | {c['equivalent']} | {c['not run']} | "
                         f"{other} | {score} |")
     lines += [rows[m] for m in sorted(rows)]
     if a.merge and "## Survivors not yet reviewed" in old:      # keep the other modules' survivors listed
@@ -109,7 +113,7 @@ def main() -> None:
     if survivors_lines:
         lines += ["", "## Survivors not yet reviewed", ""] + survivors_lines
     report.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
-    print("\n".join(lines[:12 + len(rows)]))
+    print("\n".join(lines[:13 + len(rows)]))
 
 
 if __name__ == "__main__":
