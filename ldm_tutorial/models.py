@@ -199,13 +199,16 @@ def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel  # noqa: PLC0415
 
     from . import tinysd  # noqa: PLC0415
+    from .tinysd.checked_tokenizer import TinySDTokenizer  # noqa: PLC0415
 
     cls = _pipeline_class(task)
     folder = tinysd.pipeline_dir(task)
     if folder is None:
         raise FileNotFoundError(f"TinySD's weights are missing from {tinysd.WEIGHTS_DIR}: the package install is "
                                 f"incomplete; reinstall ldm_tutorial (they ship inside it)")
-    extra = {}
+    # TinySD's tokenizer warns (CaptionWarning, once per prompt) when a prompt it encodes for the text
+    # encoder is outside the caption grammar; diffusers' pipeline class and from_pretrained stay as they are
+    extra = {"tokenizer": TinySDTokenizer.from_pretrained(Path(folder) / "tokenizer")}
     with quiet_loading():
         if task == "inpaint":  # the 9-channel U-Net ships in its own folder; the rest is shared
             extra["unet"] = UNet2DConditionModel.from_pretrained(tinysd.inpaint_unet_dir(), **dtype_kwargs(dtype))

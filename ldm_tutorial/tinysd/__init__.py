@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .grammar import CaptionScene, CaptionWarning, parse_caption
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TASKS = ("text2img", "img2img", "inpaint")
 
