@@ -165,7 +165,11 @@ def test_measure_scores_rendered_truth_and_counts(pipe):
 def test_load_sweep_reads_the_committed_table_and_names_a_missing_one(tmp_path):
     bench = G.load_sweep()
     assert set(bench["scales"]) == {str(w) for w in G.SWEEP_SCALES}
-    assert bench["n_prompts"] * bench["seeds"] == bench["scales"]["5.0"]["n_images"] >= 128
+    # the sample size against the sweep's own scene list, rebuilt here (not the table's other counts)
+    prompts = len(G.sweep_scenes(bench["n_per_count"]))
+    assert bench["n_prompts"] == prompts == 2 * bench["n_per_count"]          # one and two objects
+    assert all(row["n_images"] == prompts * bench["seeds"] for row in bench["scales"].values())
+    assert prompts * bench["seeds"] >= 128
     with pytest.raises(FileNotFoundError, match="--sweep"):
         G.load_sweep(tmp_path / "missing.json")
 
