@@ -212,3 +212,21 @@ def test_processor_equals_diffusers_attn_processor_with_every_attention_option(v
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, side * side))
     if "attention_mask" in kw:
         assert probs[..., -1].max() < 1e-6
+
+
+def test_token_index_sees_only_the_77_positions_the_text_encoder_reads(tok):
+    """CLIP reads 77 positions (start, 75 tokens, end): a word past them has no attention map."""
+    inside = "a red circle " * 24 + "square"                      # 72 + 1 tokens: "square" at 73
+    assert A.token_index(tok, inside, "square") == [73]
+    past = "a red circle " * 25 + "square"                        # 76th token: cut with the end token kept
+    with pytest.raises(ValueError, match="word 'square' is not in the prompt"):
+        A.token_index(tok, past, "square")
+    with pytest.raises(ValueError, match="is not in the prompt"):         # position 0 is no word of it
+        A.token_index(tok, "a red circle", tok.bos_token)
+
+
+def test_token_index_error_lists_the_prompt_words(tok):
+    with pytest.raises(ValueError) as info:
+        A.token_index(tok, "a red circle on the left", "square")
+    assert str(info.value) == ("word 'square' is not in the prompt 'a red circle on the left' "
+                               "(its words: ['a', 'red', 'circle', 'on', 'the', 'left'])")
