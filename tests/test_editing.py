@@ -370,3 +370,72 @@ def test_outpaint_keeps_the_source_and_widens(inpaint_pipe, scene):
                                        num_inference_steps=2)
     assert canvas.shape == (1, 3, 128, 160) and borders == [128, 144]
     assert torch.equal(canvas[..., :128], scene)
+
+
+# ---- the sweep's helpers and its CLI (mutation-testing follow-ups, benchmarks/mutation.md) -------
+def test_seam_energy_of_an_edge_on_the_border_is_its_share_of_the_band():
+    """An 8x8 image, dark left half, bright right half, masked left half: the only gradient is the
+    forward difference at column 3 (1 in every channel); the 2-px band holds columns 2..5."""
+    images = torch.zeros(1, 3, 8, 8)
+    images[..., 4:] = 1.0
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    assert editing.seam_energy(images, mask).tolist() == [8 / 32]
+    assert editing.seam_energy(images, mask, width=1).tolist() == [8 / 16]   # columns 3..4
+    assert editing.seam_energy(torch.zeros(2, 3, 8, 8), mask.expand(2, 1, 8, 8)).tolist() == [0.0, 0.0]
+
+
+def test_inpaint_targets_replace_the_object_the_mask_covers_and_list_it_first():
+    scenes = [s for s in editing.sweep_scenes(3) if len(s.objects) == 2]
+    images = shapes.render(scenes)
+    targets = editing.inpaint_targets(scenes, images)
+    assert len(targets) == len(scenes) == 3
+    for scene, image, target in zip(scenes, images, targets):
+        big = parser.parse_scene(image)[0]                       # the object object_mask covers
+        new, kept = target.objects
+        old = next(o for o in scene.objects if o.position == big.position)
+        other = next(o for o in scene.objects if o is not old)
+        assert (new.position, new.size) == (old.position, old.size)
+        assert new.colour != old.colour and new.shape != old.shape
+        assert kept == other
+    again = editing.inpaint_targets(scenes, images)
+    assert [t.objects for t in again] == [t.objects for t in targets]          # seeded
+    other_seed = editing.inpaint_targets(scenes, images, seed=1)
+    assert [t.objects for t in other_seed] != [t.objects for t in targets]
+
+
+def test_the_committed_page_is_the_markdown_of_the_committed_result():
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "benchmarks" / "image_editing.md"
+    assert editing.markdown(ldm.results.load("image_editing")) == page.read_text()
+
+
+def test_the_cli_writes_the_sweep_as_json_with_nan_as_null_and_its_page(tmp_path, monkeypatch, capsys):
+    import json
+
+    committed = ldm.results.load("image_editing")
+    result = json.loads(json.dumps(committed))
+    result["meta"]["load_average_end"] = float("nan")             # a median over an empty band, say
+    calls = []
+    monkeypatch.setattr(editing, "run_sweep", lambda *a: calls.append(a) or result)
+    threads = torch.get_num_threads()
+    try:
+        editing.main(["--sweep", "--n-strength", "2", "--n-inpaint", "3", "--n-outpaint", "1", "--steps", "4",
+                      "--out", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+        assert torch.get_num_threads() == 1                       # --threads 1 by default
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(2, 3, 1, 4)]
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["meta"]["load_average_end"] is None
+    written["meta"]["load_average_end"] = committed["meta"]["load_average_end"]
+    assert written == committed
+    assert (tmp_path / "r.md").read_text() == editing.markdown(committed)
+    assert capsys.readouterr().out == editing.markdown(committed) + "\n"
+    with pytest.raises(SystemExit):
+        editing.main([])                                          # nothing to do without --sweep
+    assert "nothing to do: pass --sweep" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--threads"):
+        editing.main(["--sweep", "--threads", "0"])
+    assert calls == [(2, 3, 1, 4)]                                # refused before any sweep ran
