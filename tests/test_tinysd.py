@@ -332,7 +332,9 @@ def test_euler_on_a_straight_path_lands_exactly_on_the_data(steps):
     torch.testing.assert_close(x, z0, atol=1e-5, rtol=1e-5)
 
 
-def test_flow_stage_trains_and_exports_a_flow_scheduler(tmp_path):
+def test_flow_stage_exports_a_flow_scheduler_and_its_unet(tmp_path):
+    # what it trains on (the velocity target) and that a resume continues exactly are checked in
+    # tests/test_core_behaviour.py; here: what the stage writes
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from ldm_tutorial.tinysd import train
 
