@@ -11,6 +11,10 @@ Figures (all on held-out data the training never saw: scene seeds >= 10_000, hel
 * TAESD, the preview decoder: closeness to the VAE's decode, parser accuracy, decode speed-up
 * load, encode and decode times on this machine's CPU
 * with --generation: prompt adherence by number of objects, inpainting, seconds per image
+* with --defects (alone): the visual-defect metrics of `defects` (corner smudge, edge fringe,
+  background texture, extra objects, misdrawn small squares) for rendered scenes, the VAE round trip,
+  TAESD, constant latents and text-to-image; --diagnose adds guidance / sampler settings, and
+  --candidate-vae DIR measures another decoder on the same latents (`defect_study`)
 """
 
 from __future__ import annotations
@@ -254,6 +258,229 @@ def inpaint_metrics(pipe=None, n: int = 32, steps: int = 25, guidance_scale: flo
             "steps": steps, "guidance_scale": guidance_scale}
 
 
+# ----------------------------------------------------------------------------- visual defects (issue 21)
+DEFECT_SEED = EVAL_SEED + 3     # prompt_adherence's prompts and noise: the standard evaluation's
+DEFECT_REFERENCE_SEED = 1       # rendered training scenes (seeds below EVAL_SEED): the reference
+DEFECT_SETTINGS: dict[str, dict] = {   # the diagnosis rows: name -> ldm.sample settings (+ "scheduler")
+    "guidance 1 (no guidance)": {"guidance_scale": 1.0},
+    "guidance 3": {"guidance_scale": 3.0},
+    "guidance 5 (default)": {},
+    "guidance 7.5": {"guidance_scale": 7.5},
+    "guidance interval t in [200, 700]": {"guidance_interval": (200, 700)},
+    "guidance_rescale 0.7": {"guidance_rescale": 0.7},
+    "DDIM eta 1": {"eta": 1.0},
+    "DPM-Solver++ (25 steps)": {"scheduler": "DPM-Solver++"},
+    "50 DDIM steps": {"num_inference_steps": 50},
+}
+
+
+def defect_scenes(n_per_count: int = 32, counts: tuple[int, ...] = (1, 2), seed: int = DEFECT_SEED) -> list:
+    """The first n_per_count scenes of each count of the standard evaluation (`prompt_adherence`)."""
+    if n_per_count < 1:
+        raise ValueError(f"n_per_count must be a positive integer, got {n_per_count}")
+    return [s for k in counts for s in shapes.sample_scenes(n_per_count, seed=seed + k, n_objects=k)]
+
+
+def defect_reference(n: int = 256, seed: int = DEFECT_REFERENCE_SEED) -> tuple[torch.Tensor, list]:
+    """Rendered training-distribution scenes (seed below EVAL_SEED) and their parses."""
+    if seed >= EVAL_SEED:
+        raise ValueError(f"seed must be below {EVAL_SEED} (training scenes), got {seed}")
+    x = shapes.render(shapes.sample_scenes(n, seed=seed))
+    return x, [parser.parse_scene(im) for im in x]
+
+
+@torch.no_grad()
+def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: int = 16,
+                       seed: int = DEFECT_SEED, n_per_count: int | None = None) -> torch.Tensor:
+    """Final (scaled) latents of `ldm.sample` for each scene's canonical prompt, before decoding.
+
+    The noise is prompt_adherence's: one CPU generator seeded seed + i for the batch starting at
+    the i-th prompt of each count (n_per_count prompts per count), so the first images of each count
+    are the standard evaluation's. setting: ldm.sample keyword arguments, plus "scheduler" (a name
+    for `ldm_tutorial.perf.make_scheduler`); 25 steps and guidance 5 unless it says otherwise.
+    Decoding them with any VAE (`decode_latents`) is the same generation with that decoder.
+    """
+    from ldm_tutorial.perf import with_scheduler  # noqa: PLC0415
+    from ldm_tutorial.sampling import sample  # noqa: PLC0415
+
+    setting = dict(setting or {})
+    if "scheduler" in setting:
+        pipe = with_scheduler(pipe, setting.pop("scheduler"))
+    kw = {"num_inference_steps": 25, "guidance_scale": 5.0, **setting}
+    n_per_count = n_per_count or len(scenes)
+    out = []
+    for start in tqdm(range(0, len(scenes), batch), desc="generating", mininterval=10):
+        chunk = scenes[start:start + batch]
+        i = start % n_per_count
+        if i + len(chunk) > n_per_count and n_per_count % batch:
+            raise ValueError(f"batch must divide n_per_count ({n_per_count}), got {batch}")
+        res = sample(pipe, [shapes.describe(s) for s in chunk], generator=torch.Generator().manual_seed(seed + i),
+                     **kw)
+        out.append(res.latents)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1] through `vae` (its own scaling factor undone)."""
+    sf = vae.config.scaling_factor
+    return torch.cat([vae.decode(latents[i:i + batch] / sf).sample.clamp(-1, 1)
+                      for i in range(0, len(latents), batch)])
+
+
+@torch.no_grad()
+def defect_metrics(vae=None, taesd=None, pipe=None, n_per_count: int = 32, n_reference: int = 256,
+                   generation: bool = True, latents: torch.Tensor | None = None) -> dict:
+    """Every defect metric (`defects.all_defects`) for the book's image sources, on the same scenes.
+
+    Rows: "rendered" (the held-out scenes themselves: the reference), "VAE round trip" (posterior
+    mode), "TAESD decode" (of the VAE's scaled latents), "constant latents" (each image's latent
+    replaced by its spatial mean, decoded: what the decoder draws whatever the latents), and, with
+    generation, "text-to-image" (25 DDIM steps, guidance 5, the standard evaluation's prompts and
+    noise; pass `latents` from `generation_latents` to reuse them). Round-trip rows are judged
+    against their inputs, the others against n_reference rendered training scenes.
+    vae / taesd / pipe: the components to measure (default: the shipped ones); a pipe's own VAE is
+    replaced by `vae` for decoding, so a candidate decoder is measured on the same latents.
+    Returns {"n": images per row, "n_per_count", "n_reference", "rows": {name: metrics}}.
+    """
+    from . import defects  # noqa: PLC0415
+
+    vae = vae if vae is not None else load_vae()
+    taesd = taesd if taesd is not None else load_taesd()
+    scenes = defect_scenes(n_per_count)
+    ref, ref_parsed = defect_reference(n_reference)
+    x = shapes.render(scenes)
+    sf = vae.config.scaling_factor
+    z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
+    rows = {}
+
+    def row(name, images, inputs=None, with_scenes=True):
+        rows[name] = defects.all_defects(images, scenes if with_scenes else None, inputs=inputs,
+                                         train_reference=ref, train_parsed=ref_parsed)
+
+    row("rendered", x)
+    row("VAE round trip", decode_latents(vae, z * sf), x)
+    row("TAESD decode", torch.cat([taesd.decode(z[i:i + 64] * sf).sample.clamp(-1, 1) for i in range(0, len(z), 64)]), x)
+    row("constant latents", decode_latents(vae, z.mean((2, 3), keepdim=True).expand_as(z) * sf), with_scenes=False)
+    if generation:
+        if latents is None:
+            from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+            latents = generation_latents(pipe or load_pipeline("tiny", verbose=False), scenes,
+                                         n_per_count=n_per_count)
+        row("text-to-image", decode_latents(vae, latents))
+    return {"n": len(scenes), "n_per_count": n_per_count, "n_reference": n_reference, "rows": rows}
+
+
+def constant_latent_chroma(vae, n_per_count: int = 32) -> dict:
+    """Decode each held-out scene's spatially constant mean latent: mean chroma at the top-left
+    6x6 corner against the image's centre 6x6 (the decoder's own corner, whatever the latents)."""
+    from . import defects  # noqa: PLC0415
+
+    x = shapes.render(defect_scenes(n_per_count))
+    z = vae.encode(x).latent_dist.mode()
+    images = decode_latents(vae, z.mean((2, 3), keepdim=True).expand_as(z) * vae.config.scaling_factor)
+    c = defects.chroma(images)
+    h, w = c.shape[1:]
+    return {"top_left": float(c[:, :6, :6].mean()), "centre": float(c[:, h // 2 - 3:h // 2 + 3, w // 2 - 3:w // 2 + 3].mean()),
+            "n": len(x)}
+
+
+def _adherence_from_latents(vae, latents: torch.Tensor, scenes: list, n_per_count: int) -> dict:
+    images = decode_latents(vae, latents)
+    ok = [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, scenes)]
+    out = {}
+    for j, k in enumerate(sorted({len(s.objects) for s in scenes})):
+        part = ok[j * n_per_count:(j + 1) * n_per_count]
+        out[f"{k}_object"] = {"fully_correct": float(np.mean(part)), "n": len(part)}
+    return out
+
+
+@torch.no_grad()
+def defect_study(candidate_vae: str | None = None, diagnose: bool = True, adherence: tuple[str, ...] = (),
+                 n_per_count: int = 32, n_adherence: int = 96, latents_file: str | None = None, log=print) -> dict:
+    """The issue-21 study: defect metrics before (shipped decoder) and, given `candidate_vae` (a
+    diffusers AutoencoderKL folder), after; the diagnosis across DEFECT_SETTINGS; and the standard
+    prompt adherence (n_adherence per count) for the default and for each setting named in
+    `adherence`. Generated latents are cached in `latents_file` (a torch file), so a later run with
+    a candidate decoder only decodes: the same prompts and noise, by construction.
+    """
+    from diffusers import AutoencoderKL  # noqa: PLC0415
+
+    from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
+    from . import defects  # noqa: PLC0415
+
+    cache = torch.load(latents_file) if latents_file and os.path.exists(latents_file) else {}
+
+    def cached(key, scenes, setting, per_count):
+        if key not in cache:
+            t0 = time.perf_counter()
+            cache[key] = generation_latents(pipe, scenes, setting, n_per_count=per_count)
+            log(f"{key}: {time.perf_counter() - t0:.0f} s for {len(scenes)} images")
+            if latents_file:
+                torch.save(cache, latents_file)
+        return cache[key]
+
+    pipe = load_pipeline("tiny", verbose=False)
+    vaes = {"shipped": pipe.vae}
+    if candidate_vae:
+        vaes["candidate"] = AutoencoderKL.from_pretrained(candidate_vae, torch_dtype=torch.float32).eval()
+    taesd = load_taesd()
+    scenes = defect_scenes(n_per_count)
+    ref, ref_parsed = defect_reference()
+    res: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+                 "date": str(datetime.date.today()), "n_per_count": n_per_count, "n_reference": len(ref),
+                 "candidate_vae": candidate_vae, "seed": DEFECT_SEED}
+    default = cached(f"guidance 5 (default)/{n_per_count}", scenes, {}, n_per_count)
+    res["sources"] = {name: defect_metrics(v, taesd, pipe, n_per_count, latents=default)
+                      for name, v in vaes.items()}
+    res["constant_latent_chroma"] = {name: constant_latent_chroma(v, n_per_count) for name, v in vaes.items()}
+    log("sources done")
+    if diagnose:
+        res["diagnosis"] = {name: {} for name in vaes}
+        for key, setting in DEFECT_SETTINGS.items():
+            lat = cached(f"{key}/{n_per_count}", scenes, setting, n_per_count)
+            for name, v in vaes.items():
+                res["diagnosis"][name][key] = defects.all_defects(decode_latents(v, lat), scenes,
+                                                                  train_reference=ref, train_parsed=ref_parsed)
+            log(f"diagnosis row done: {key}")
+    res["adherence"] = {name: {} for name in vaes}
+    full = defect_scenes(n_adherence)
+    for key in ("guidance 5 (default)", *adherence):
+        lat = cached(f"{key}/{n_adherence}", full, DEFECT_SETTINGS[key], n_adherence)
+        for name, v in vaes.items():
+            res["adherence"][name][key] = _adherence_from_latents(v, lat, full, n_adherence)
+            res["adherence"][name][key]["defects"] = defects.all_defects(
+                decode_latents(v, lat), full, train_reference=ref, train_parsed=ref_parsed)
+        log(f"adherence done: {key}")
+    if candidate_vae:
+        res["vae_metrics"] = {name: vae_metrics(vae=v) for name, v in vaes.items()}
+    return res
+
+
+DEFECT_COLUMNS = (   # (key in an all_defects row, header, format)
+    ("corner_top_left", "top-left chroma", "{:.3f}"), ("corner_ratio", "x ref.", "{:.2f}"),
+    ("corner_smudged_share", "smudged", "{:.0%}"), ("corner_other_regions_ratio", "other corners x ref.", "{:.2f}"),
+    ("fringe_px_per_object", "fringe px / object", "{:.2f}"), ("objects_fringed", "objects fringed", "{:.0%}"),
+    ("bg_std_ratio", "bg std x train", "{:.2f}"), ("bg_flat", "bg flat", "{:.0%}"), ("bg_gradient", "gradient", "{:.0%}"),
+    ("bg_noise", "noise", "{:.0%}"), ("bg_stripes", "stripes", "{:.0%}"), ("bg_other", "other", "{:.0%}"),
+    ("more_than_asked", "more objects than asked", "{:.1%}"), ("duplicate", "duplicate colour", "{:.1%}"),
+    ("small_square_wrong", "small squares misdrawn", "{:.0%}"), ("fully_correct", "fully correct", "{:.1%}"),
+)
+
+
+def defect_table(rows: dict, columns=DEFECT_COLUMNS) -> list[str]:
+    """Markdown lines: one row per source or setting, one column per defect metric."""
+    def cell(r, key, fmt):
+        v = r.get(key)
+        return "" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
+    lines = ["| row | n | " + " | ".join(h for _, h, _ in columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, r in rows.items():
+        sq = f" ({r['small_square_n']})" if "small_square_n" in r else ""
+        lines.append(f"| {name} | {r['n']} | " + " | ".join(
+            cell(r, k, f) + (sq if k == "small_square_wrong" and cell(r, k, f) else "") for k, _, f in columns) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m ldm_tutorial.tinysd.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,8 +492,35 @@ def main(argv: list[str] | None = None) -> dict:
                         "trailing) vs the rectified-flow U-Net (Euler), the SD-versions chapter's comparison")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--markdown", default=None, help="also write the committed table (benchmarks/tinysd.md)")
+    p.add_argument("--defects", action="store_true",
+                   help="only the visual-defect study (issue 21): defect metrics of rendered scenes, VAE round "
+                        "trip, TAESD, constant latents and text-to-image; standard adherence (see defect_study)")
+    p.add_argument("--diagnose", action="store_true", help="with --defects: every DEFECT_SETTINGS row too")
+    p.add_argument("--candidate-vae", default=None, help="with --defects: a diffusers VAE folder to measure "
+                                                         "beside the shipped one (the 'after' column)")
+    p.add_argument("--adherence-settings", default="", help="with --defects: comma-separated DEFECT_SETTINGS "
+                                                            "names whose standard adherence to measure too")
+    p.add_argument("--n-per-count", type=int, default=32, help="with --defects: prompts per object count")
+    p.add_argument("--latents", default=None, help="with --defects: cache of generated latents (torch file)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.defects:
+        names = tuple(n for n in a.adherence_settings.split(",") if n)
+        unknown = [n for n in names if n not in DEFECT_SETTINGS]
+        if unknown:
+            raise SystemExit(f"--adherence-settings: unknown {unknown}; choose from {list(DEFECT_SETTINGS)}")
+        t0 = time.perf_counter()
+        res = defect_study(a.candidate_vae, a.diagnose, names, a.n_per_count, latents_file=a.latents)
+        res["seconds"] = time.perf_counter() - t0
+        text = json.dumps(res, indent=1, default=float)
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text + "\n")
+        return res
     res: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                              "torch": torch.__version__}}
     t = time.perf_counter()

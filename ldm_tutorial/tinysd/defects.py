@@ -1,0 +1,431 @@
+"""Metrics for TinySD's visual defects (issue 21): one number per defect, on batches of images.
+
+Every function takes images as a (B, 3, H, W) tensor in [-1, 1] (the VAE's range). Chroma is
+max(RGB) - min(RGB) of the image mapped to [0, 1]; the shapes world's backgrounds stay at or below
+0.147 by construction (`shapes._low_sat_colour`: saturation <= 0.16, value <= 0.92) and its
+objects are above 0.6, which is what the parser uses to find objects.
+
+* `corner_chroma` / `corner_smudge`: the saturated smudge in the top-left corner. Mean chroma of
+  a `size` x `size` patch in each corner and in the middle of the top edge, against either the
+  same image's input (round trips: `paired=True`) or the distribution of the same statistic over
+  rendered training scenes (generations).
+* `edge_fringe`: the purple / magenta swirl on one edge of objects. The share of pixels in a band
+  just outside each parsed object whose chroma is high (> `min_chroma`, above every background)
+  and whose hue is far from the object's own palette hue. Anti-aliased edges of a rendered object
+  are blends of the object's colour with a near-grey background: they keep the object's hue, so
+  the metric is ~0 on rendered scenes.
+* `background_texture`: luminance statistics of the pixels outside the parsed objects (within-image
+  std, and the share of the background's spectral power above a cut-off frequency), compared with
+  rendered training scenes (flat / gradient / noise / stripes backgrounds).
+* `object_count_defects` / `shape_confusion`: more objects than the prompt asked for (a duplicate of
+  a requested colour, or an extra colour), and requested (size, shape) drawn as another shape, e.g.
+  small squares parsed as circles or stars.
+* `all_defects`: every metric above for one batch, as one dict of floats (the `evaluate` rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..metrics import _check_images, radial_power_spectrum
+from . import parser, shapes
+
+REGIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "top_middle")
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _images(images, param: str = "images") -> np.ndarray:
+    """Checked (B, 3, H, W) tensor in [-1, 1] -> (B, H, W, 3) float array in [0, 1]."""
+    x = _check_images(images, param)
+    if x.shape[0] == 0:
+        raise ValueError(f"{param} must hold at least one image, got an empty batch")
+    if min(x.shape[-2:]) < 16:
+        raise ValueError(f"{param} must be at least 16x16 pixels, got {tuple(x.shape[-2:])}")
+    return ((x.detach().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
+def _parsed(images: torch.Tensor, parsed: list | None, param: str = "parsed") -> list:
+    if parsed is None:
+        return [parser.parse_scene(im) for im in images]
+    if len(parsed) != len(images):
+        raise ValueError(f"{param} must hold one parse per image ({len(images)}), got {len(parsed)}")
+    return parsed
+
+
+def _positive_int(value, param: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{param} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def chroma(images: torch.Tensor) -> np.ndarray:
+    """(B, H, W) chroma max(RGB) - min(RGB) in [0, 1] of images in [-1, 1]."""
+    rgb = _images(images)
+    return rgb.max(-1) - rgb.min(-1)
+
+
+def object_mask(parsed_one: list, shape_hw: tuple[int, int], dilate: int = 3) -> np.ndarray:
+    """(H, W) bool: the union of one image's parsed object masks, grown by `dilate` pixels."""
+    m = np.zeros(shape_hw, dtype=bool)
+    for o in parsed_one:
+        m |= o.mask
+    if dilate and m.any():
+        m = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=dilate)
+    return m
+
+
+def _region_slices(h: int, w: int, size: int) -> dict[str, tuple[slice, slice]]:
+    mid = (w - size) // 2
+    return {"top_left": (slice(0, size), slice(0, size)),
+            "top_right": (slice(0, size), slice(w - size, w)),
+            "bottom_left": (slice(h - size, h), slice(0, size)),
+            "bottom_right": (slice(h - size, h), slice(w - size, w)),
+            "top_middle": (slice(0, size), slice(mid, mid + size))}
+
+
+def corner_chroma(images: torch.Tensor, size: int = 6, parsed: list | None = None,
+                  exclude_objects: bool = True) -> dict[str, np.ndarray]:
+    """Per-image mean chroma of a size x size patch in each corner and mid top edge.
+
+    A patch that a parsed object (grown by 3 px) covers for more than half its pixels is NaN for
+    that image: a large square in the top-left cell reaches to within 2 px of the corner, and its
+    colour is not a defect. The smudge itself (about 6x6 px) is far below the parser's minimum
+    object area, so it is never excluded as an object.
+    Returns {region: (B,) float array}, regions as in REGIONS.
+    """
+    size = _positive_int(size, "size")
+    c = chroma(images)
+    _, h, w = c.shape
+    if size > min(h, w) // 2:
+        raise ValueError(f"size must be at most half the image side ({min(h, w) // 2}), got {size}")
+    parsed = _parsed(images, parsed) if exclude_objects else None
+    out = {}
+    for name, (ys, xs) in _region_slices(h, w, size).items():
+        vals = c[:, ys, xs].mean((1, 2)).astype(np.float64)
+        if parsed is not None:
+            for i, p in enumerate(parsed):
+                if p and object_mask(p, (h, w))[ys, xs].mean() > 0.5:
+                    vals[i] = np.nan
+        out[name] = vals
+    return out
+
+
+def corner_smudge(images: torch.Tensor, reference: torch.Tensor, paired: bool, size: int = 6,
+                  parsed: list | None = None, reference_parsed: list | None = None) -> dict:
+    """Top-left corner chroma of `images` against `reference`.
+
+    paired=True (a round trip): reference[i] is image i's input. "smudged" = the image's top-left
+        chroma exceeds 2 x its input's + 0.05.
+    paired=False (generations): reference is a batch of rendered training scenes. "smudged" = the
+        top-left chroma exceeds the reference's 99th percentile of the same statistic.
+    Returns means of the top-left patch (images, reference), their ratio, the excess (mean of
+    image minus reference), the share smudged, the mean ratio of the other three corners and the
+    top edge's middle (near 1 when only the top-left corner is wrong), and n (images counted).
+    """
+    if not isinstance(paired, bool):
+        raise ValueError(f"paired must be True or False, got {paired!r}")
+    if paired and (not isinstance(reference, torch.Tensor) or tuple(reference.shape) != tuple(images.shape)):
+        got = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
+        raise ValueError(f"reference must have the images' shape {tuple(images.shape)} when paired, got {got}")
+    _check_images(reference, "reference")
+    if paired:   # objects come from the input: a recon's corner is judged where the input's is clean
+        reference_parsed = _parsed(reference, reference_parsed, "reference_parsed")
+        parsed = reference_parsed
+    a = corner_chroma(images, size, parsed)
+    r = corner_chroma(reference, size, reference_parsed)
+    tl, rtl = a["top_left"], r["top_left"]
+    if paired:
+        ok = ~np.isnan(tl)
+        smudged = tl[ok] > 2 * rtl[ok] + 0.05
+        excess = float(np.mean(tl[ok] - rtl[ok]))
+        n_ref = int(ok.sum())
+    else:
+        ok = ~np.isnan(tl)
+        threshold = float(np.nanpercentile(rtl, 99))
+        smudged = tl[ok] > threshold
+        excess = float(np.nanmean(tl) - np.nanmean(rtl))
+        n_ref = int((~np.isnan(rtl)).sum())
+    others = {k: float(np.nanmean(a[k]) / max(np.nanmean(r[k]), 1e-6)) for k in REGIONS if k != "top_left"}
+    return {"top_left": float(np.nanmean(tl[ok])) if ok.any() else float("nan"),
+            "reference_top_left": float(np.nanmean(rtl[ok] if paired else rtl)),
+            "ratio": float(np.nanmean(tl[ok]) / max(np.nanmean(rtl[ok] if paired else rtl), 1e-6)),
+            "excess": excess, "smudged_share": float(np.mean(smudged)) if ok.any() else float("nan"),
+            "other_regions_ratio": float(np.mean(list(others.values()))), "n": int(ok.sum()),
+            "n_reference": n_ref}
+
+
+def _hue_distance(h: np.ndarray, ref: float) -> np.ndarray:
+    d = np.abs(h - ref)
+    return np.minimum(d, 1 - d)
+
+
+FRINGE_OBJECT_PIXELS = 8   # fringe pixels that make an object count as fringed
+
+
+def edge_fringe(images: torch.Tensor, parsed: list | None = None, band: int = 4, min_chroma: float = 0.2,
+                min_hue_distance: float = 1 / 12, reference: torch.Tensor | None = None,
+                reference_parsed: list | None = None) -> dict:
+    """Colour fringe just outside objects.
+
+    For each parsed object, its band is the pixels within `band` px outside its mask (and outside
+    every other parsed object's mask). A band pixel is a fringe pixel when its chroma exceeds
+    `min_chroma` (every shapes-world background is below 0.147) and its hue is more than
+    `min_hue_distance` (a fraction of the colour wheel; 1/12 = 30 degrees) from the object's
+    palette hue. Anti-aliased rendered edges keep the object's hue, so rendered scenes score ~0;
+    a blurred edge (a halo of the object's own hue) does not count either.
+
+    reference: for a round trip, the inputs; then bands come from the inputs' parsed objects and
+        the result adds `error_chroma`: the mean chroma (max - min over RGB, in [0, 1] units) of
+        the error recon - input over the band pixels, i.e. how much colour the error carries there.
+    Returns {"pixels_per_object": mean fringe pixels per object, "share_of_halo": fringe pixels /
+        band pixels above `min_chroma`, "objects_fringed": share of objects with at least
+        FRINGE_OBJECT_PIXELS fringe pixels, "n_objects", ("error_chroma")}.
+    """
+    band = _positive_int(band, "band")
+    if not 0 < min_chroma < 1:
+        raise ValueError(f"min_chroma must be in (0, 1), got {min_chroma}")
+    if not 0 < min_hue_distance <= 0.5:
+        raise ValueError(f"min_hue_distance must be in (0, 0.5] of the colour wheel, got {min_hue_distance}")
+    rgb = _images(images)
+    if reference is not None:
+        if not isinstance(reference, torch.Tensor) or tuple(reference.shape) != tuple(images.shape):
+            got = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
+            raise ValueError(f"reference must have the images' shape {tuple(images.shape)}, got {got}")
+        ref_rgb = _images(reference, "reference")
+        parsed = _parsed(reference, reference_parsed, "reference_parsed")
+    else:
+        parsed = _parsed(images, parsed)
+    c = rgb.max(-1) - rgb.min(-1)
+    hue = parser._hue(rgb)
+    struct = np.ones((3, 3), bool)
+    counts, halo, ring_px = [], 0, 0
+    err_sum = 0.0
+    for i, objs in enumerate(parsed):
+        union = np.zeros(c.shape[1:], bool)
+        for o in objs:
+            union |= o.mask
+        for o in objs:
+            ring = ndimage.binary_dilation(o.mask, structure=struct, iterations=band) & ~union
+            coloured = ring & (c[i] > min_chroma)
+            far = _hue_distance(hue[i], parser._PALETTE_HUES[o.colour]) > min_hue_distance
+            counts.append(int((coloured & far).sum()))
+            halo += int(coloured.sum())
+            ring_px += int(ring.sum())
+            if reference is not None:
+                e = rgb[i][ring] - ref_rgb[i][ring]
+                err_sum += float((e.max(-1) - e.min(-1)).sum())
+    counts = np.array(counts)
+    nan = float("nan")
+    out = {"pixels_per_object": float(counts.mean()) if counts.size else nan,
+           "share_of_halo": float(counts.sum() / halo) if halo else 0.0 if counts.size else nan,
+           "objects_fringed": float(np.mean(counts >= FRINGE_OBJECT_PIXELS)) if counts.size else nan,
+           "n_objects": int(counts.size)}
+    if reference is not None:
+        out["error_chroma"] = err_sum / ring_px if ring_px else nan
+    return out
+
+
+BACKGROUND_CLASSES = ("flat", "gradient", "noise", "stripes", "other")
+FLAT_STD = 0.01        # luminance std below which a background looks flat (rendered flat ones: 0.000)
+PLANE_R2 = 0.8         # a gradient: a plane a + b x + c y explains this share of the variance
+GRAIN = 0.2            # noise: fine grain (3x3 high-pass std) / residual std above this
+STRIPE_COHERENCE = 0.8  # stripes: the gradients share one direction (structure-tensor coherence)
+
+
+def _background_features(lum: np.ndarray, bg: np.ndarray, cutoff: float) -> dict:
+    h, w = lum.shape
+    yy, xx = np.mgrid[0:h, 0:w] / h
+    v = lum[bg]
+    design = np.stack([np.ones(v.size), xx[bg], yy[bg]], 1)
+    coef, *_ = np.linalg.lstsq(design, v, rcond=None)
+    res = v - design @ coef
+    r2 = 1 - res.var() / v.var() if v.var() > 1e-12 else 1.0
+    resid = lum - (np.stack([np.ones(h * w), xx.ravel(), yy.ravel()], 1) @ coef).reshape(h, w)
+    resid[~bg] = 0
+    power = np.abs(np.fft.fft2(resid * (np.hanning(h)[:, None] * np.hanning(w)[None]))) ** 2
+    power[0, 0] = 0
+    total = power.sum()
+    ky, kx = np.unravel_index(power.argmax(), power.shape)
+    near = [((ky + a) % h, (kx + b) % w) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    peak = sum(power[y, x] + power[-y % h, -x % w] for y, x in near) / max(total, 1e-12)
+    cycles = float(np.hypot(min(ky, h - ky), min(kx, w - kx)))
+    filled = np.where(bg, lum, v.mean())
+    inner = ndimage.binary_erosion(bg, iterations=2)
+    grain = (filled - ndimage.uniform_filter(filled, 3))[inner].std() / max(res.std(), 1e-9)
+    x = torch.from_numpy(np.repeat(filled[None, None] * 2 - 1, 3, axis=1).astype(np.float32))
+    f, p = radial_power_spectrum(x)
+    hf = float(p[f >= cutoff].sum() / p[1:].sum()) if float(p[1:].sum()) > 1e-12 else 0.0
+    smooth = ndimage.gaussian_filter(filled, 2.0)
+    gy, gx = np.gradient(smooth)
+    inner4 = ndimage.binary_erosion(bg, iterations=4)
+    jxx, jyy, jxy = (gx * gx)[inner4].sum(), (gy * gy)[inner4].sum(), (gx * gy)[inner4].sum()
+    coherence = float(np.hypot(jxx - jyy, 2 * jxy) / max(jxx + jyy, 1e-12))
+    std = float(v.std())
+    if std < FLAT_STD:
+        kind = "flat"
+    elif r2 >= PLANE_R2:
+        kind = "gradient"
+    elif grain >= GRAIN:
+        kind = "noise"
+    elif coherence >= STRIPE_COHERENCE:
+        kind = "stripes"
+    else:
+        kind = "other"
+    return {"std": std, "plane_r2": float(r2), "peak_share": float(peak), "peak_cycles": cycles,
+            "grain": float(grain), "coherence": coherence, "high_freq_share": hf, "kind": kind}
+
+
+def background_texture(images: torch.Tensor, parsed: list | None = None, cutoff: float = 0.25) -> dict:
+    """Per-image luminance statistics of the background (pixels outside parsed objects grown by 3 px).
+
+    std: within-image standard deviation of the background's luminance (in [0, 1] units).
+    high_freq_share: the background's luminance (objects filled with its mean): power above
+        `cutoff` cycles per pixel over its total power, DC removed (`metrics.radial_power_spectrum`).
+    kind: which of the training set's backgrounds it looks like, one of BACKGROUND_CLASSES:
+        "flat" (std < FLAT_STD), "gradient" (a plane explains >= PLANE_R2 of the variance),
+        "noise" (fine grain: a 3x3 high-pass keeps >= GRAIN of the std left after the plane),
+        "stripes" (the smoothed gradients share one direction: structure-tensor coherence >=
+        STRIPE_COHERENCE), else "other" (e.g. soft blotches, which no training background has).
+    Returns {"std", "high_freq_share", "plane_r2", "peak_share", "grain", "coherence": (B,) arrays,
+    "kind": list of str}.
+    """
+    if not 0 < cutoff < 0.5:
+        raise ValueError(f"cutoff must be in (0, 0.5) cycles per pixel, got {cutoff}")
+    rgb = _images(images)
+    parsed = _parsed(images, parsed)
+    luma = rgb @ LUMA
+    rows = []
+    for i, objs in enumerate(parsed):
+        bg = ~object_mask(objs, luma.shape[1:])
+        if bg.sum() < 16:
+            bg = np.ones_like(bg)
+        rows.append(_background_features(luma[i].astype(np.float64), bg, cutoff))
+    out = {k: np.array([r[k] for r in rows]) for k in ("std", "high_freq_share", "plane_r2", "peak_share", "grain", "coherence")}
+    out["kind"] = [r["kind"] for r in rows]
+    return out
+
+
+def background_report(images: torch.Tensor, reference: torch.Tensor, parsed: list | None = None,
+                      reference_parsed: list | None = None, cutoff: float = 0.25) -> dict:
+    """`background_texture` of images against a reference batch (rendered training scenes).
+
+    Returns the mean background std of each and their ratio, the mean high-frequency share of each
+    and their ratio, and the share of each background kind in each ("kinds", "reference_kinds").
+    """
+    a = background_texture(images, parsed, cutoff)
+    r = background_texture(reference, reference_parsed, cutoff)
+    return {"std": float(np.mean(a["std"])), "reference_std": float(np.mean(r["std"])),
+            "std_ratio": float(np.mean(a["std"]) / max(np.mean(r["std"]), 1e-9)),
+            "high_freq_share": float(np.mean(a["high_freq_share"])),
+            "reference_high_freq_share": float(np.mean(r["high_freq_share"])),
+            "high_freq_ratio": float(np.mean(a["high_freq_share"]) / max(np.mean(r["high_freq_share"]), 1e-9)),
+            "kinds": {k: a["kind"].count(k) / len(a["kind"]) for k in BACKGROUND_CLASSES},
+            "reference_kinds": {k: r["kind"].count(k) / len(r["kind"]) for k in BACKGROUND_CLASSES},
+            "n": len(a["std"]), "n_reference": len(r["std"])}
+
+
+def _wanted(scenes: list, param: str = "scenes") -> list[list[shapes.SceneObject]]:
+    out = []
+    for s in scenes:
+        objs = s.objects if isinstance(s, shapes.Scene) else s
+        if not isinstance(objs, (list, tuple)) or not all(isinstance(o, shapes.SceneObject) for o in objs):
+            raise ValueError(f"{param} must be Scenes or lists of SceneObject, got {type(s).__name__}")
+        out.append(list(objs))
+    return out
+
+
+def object_count_defects(parsed: list, scenes: list) -> dict:
+    """More objects than asked for, from the parses of generated images and their scenes (prompts).
+
+    more_than_asked: share of images with more parsed objects than the prompt names.
+    duplicate: share of images where some requested colour is parsed more often than requested
+        (a second copy of a requested object).
+    extra_colour: share of images with a parsed object whose colour the prompt never names.
+    Returns the three shares and n.
+    """
+    wanted = _wanted(scenes)
+    if len(parsed) != len(wanted):
+        raise ValueError(f"parsed must hold one parse per scene ({len(wanted)}), got {len(parsed)}")
+    more, dup, extra = [], [], []
+    for p, w in zip(parsed, wanted):
+        asked = [o.colour for o in w]
+        got = [o.colour for o in p]
+        more.append(len(p) > len(w))
+        dup.append(any(got.count(c) > asked.count(c) for c in set(asked)))
+        extra.append(any(c not in asked for c in got))
+    return {"more_than_asked": float(np.mean(more)), "duplicate": float(np.mean(dup)),
+            "extra_colour": float(np.mean(extra)), "n": len(wanted)}
+
+
+def shape_confusion(parsed: list, scenes: list, size: str = "small", shape: str = "square") -> dict:
+    """How requested `size` `shape`s come out: the parsed shape of the object with their colour and cell.
+
+    Returns {"n": requested objects found (their colour at their cell), "n_requested", "correct":
+    share parsed as `shape`, "as": {other shape: share}}; the shares are over the found ones.
+    """
+    if size not in shapes.SIZES:
+        raise ValueError(f"size must be one of {list(shapes.SIZES)}, got {size!r}")
+    if shape not in shapes.SHAPES:
+        raise ValueError(f"shape must be one of {list(shapes.SHAPES)}, got {shape!r}")
+    wanted = _wanted(scenes)
+    if len(parsed) != len(wanted):
+        raise ValueError(f"parsed must hold one parse per scene ({len(wanted)}), got {len(parsed)}")
+    found, requested = [], 0
+    for p, w in zip(parsed, wanted):
+        for o in w:
+            if o.size != size or o.shape != shape:
+                continue
+            requested += 1
+            match = [q for q in p if q.colour == o.colour and q.position == o.position]
+            if match:
+                found.append(match[0].shape)
+    n = len(found)
+    return {"n": n, "n_requested": requested,
+            "correct": found.count(shape) / n if n else float("nan"),
+            "as": {s: found.count(s) / n if n else float("nan") for s in shapes.SHAPES if s != shape}}
+
+
+def all_defects(images: torch.Tensor, scenes: list | None = None, inputs: torch.Tensor | None = None,
+                train_reference: torch.Tensor | None = None, train_parsed: list | None = None) -> dict:
+    """Every defect metric of one batch, flattened to floats (one row of the evaluate tables).
+
+    images: the batch to judge. scenes: what each image should show (prompts or rendered scenes),
+    for the object-count and shape metrics. inputs: for round trips, the images' inputs (corner and
+    fringe judged against them). train_reference: rendered training scenes, the reference for the
+    corner statistic of unpaired batches and for the background statistics (required).
+    """
+    if train_reference is None:
+        raise ValueError("train_reference must be a batch of rendered training scenes, got None")
+    parsed = [parser.parse_scene(im) for im in images]
+    train_parsed = _parsed(train_reference, train_parsed, "train_parsed")
+    row: dict = {"n": len(images)}
+    if inputs is not None:
+        in_parsed = [parser.parse_scene(im) for im in inputs]
+        cs = corner_smudge(images, inputs, True, reference_parsed=in_parsed)
+        fr = edge_fringe(images, reference=inputs, reference_parsed=in_parsed)
+        row["fringe_error_chroma"] = fr["error_chroma"]
+        fr_own = edge_fringe(images, parsed)
+    else:
+        cs = corner_smudge(images, train_reference, False, parsed=parsed, reference_parsed=train_parsed)
+        fr_own = edge_fringe(images, parsed)
+    row.update({"corner_top_left": cs["top_left"], "corner_reference": cs["reference_top_left"],
+                "corner_ratio": cs["ratio"], "corner_smudged_share": cs["smudged_share"],
+                "corner_other_regions_ratio": cs["other_regions_ratio"], "corner_n": cs["n"],
+                "fringe_px_per_object": fr_own["pixels_per_object"], "fringe_share_of_halo": fr_own["share_of_halo"],
+                "objects_fringed": fr_own["objects_fringed"], "fringe_n_objects": fr_own["n_objects"]})
+    bg = background_report(images, train_reference, parsed, train_parsed)
+    row.update({"bg_std": bg["std"], "bg_std_ratio": bg["std_ratio"], "bg_high_freq_share": bg["high_freq_share"],
+                "bg_high_freq_ratio": bg["high_freq_ratio"], "bg_reference_std": bg["reference_std"],
+                **{f"bg_{k}": v for k, v in bg["kinds"].items()}})
+    if scenes is not None:
+        oc = object_count_defects(parsed, scenes)
+        sq = shape_confusion(parsed, scenes, "small", "square")
+        row.update({"more_than_asked": oc["more_than_asked"], "duplicate": oc["duplicate"],
+                    "extra_colour": oc["extra_colour"], "small_square_wrong": 1 - sq["correct"],
+                    "small_square_n": sq["n"],
+                    "fully_correct": float(np.mean([len(p) == len(s.objects if isinstance(s, shapes.Scene) else s)
+                                                    and all(parser.objects_present(p, s.objects if isinstance(s, shapes.Scene) else s))
+                                                    for p, s in zip(parsed, scenes)]))})
+    return row
