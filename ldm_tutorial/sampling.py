@@ -94,6 +94,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
         ValueError: a bad argument, named, with what was expected (the checks live in `checks.py`).
     Warns:
         UserWarning: a prompt longer than the tokenizer's window, with the number of tokens dropped.
+        ldm.tinysd.CaptionWarning: (TinySD only, once per prompt) a prompt or negative prompt that
+            TinySD's caption grammar cannot read, naming the words; its tokenizer checks as it encodes.
     Returns:
         SampleOutput with images in [-1, 1], final latents, timesteps and (optionally) the trajectory.
     """

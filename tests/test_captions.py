@@ -1,5 +1,8 @@
 """parse_caption (caption -> scene, the inverse of the grammar) and the CaptionWarning on TinySD's prompts."""
 
+import contextlib
+import io
+import textwrap
 import warnings
 
 import numpy as np
@@ -21,14 +24,14 @@ def test_every_caption_the_grammar_makes_parses_back_to_its_scene():
     unsaid = total = 0
     for scene in scenes:
         wanted = sorted(_key(o) for o in scene.objects)
-        read = parse_caption(shapes.caption(scene, rng))           # sizes said with probability 0.7
+        text = shapes.caption(scene, rng)                            # sizes said with probability 0.7
+        read = parse_caption(text)
         assert isinstance(read, shapes.Scene) and len(read.size_said) == len(read.objects)
-        # objects come back in the caption's (shuffled) order: compare as multisets, a dropped size
-        # as the default ("large")
-        sizes = {_key(o, False): o.size for o in scene.objects}
-        assert sorted(_key(o, False) + ((sizes[_key(o, False)] if said else "large"),)
-                      for o, said in zip(read.objects, read.size_said)) == sorted(_key(o) for o in read.objects)
-        assert sorted(_key(o, False) for o in read.objects) == sorted(_key(o, False) for o in scene.objects)
+        # objects come back in the caption's (shuffled) order: compare as multisets
+        assert sorted(_key(o, False) for o in read.objects) == sorted(_key(o, False) for o in scene.objects), text
+        sizes = {_key(o, False): o.size for o in scene.objects}      # one object per cell: a unique key
+        for o, said in zip(read.objects, read.size_said):
+            assert o.size == (sizes[_key(o, False)] if said else "large"), text
         unsaid += read.size_said.count(False)
         total += len(read.objects)
         every = parse_caption(shapes.caption(scene, rng, p_size=1.0))
@@ -175,7 +178,10 @@ def test_ldm_sample_warns_for_prompt_and_negative_but_not_for_captions_or_the_em
 
 def test_every_task_and_the_pipe_call_share_the_one_time_record(pipe, fresh):
     img2img = ldm.load_pipeline("tiny", task="img2img", verbose=False)
-    assert type(img2img.tokenizer).__name__ == "TinySDTokenizer"
+    inpaint = ldm.load_pipeline("tiny", task="inpaint", verbose=False)
+    # every TinySD task gets the checking tokenizer (the Hub's SD pipelines get no tokenizer argument:
+    # test_models checks the exact from_pretrained arguments of the Hub tier)
+    assert {type(p.tokenizer).__name__ for p in (pipe, img2img, inpaint)} == {"TinySDTokenizer"}
     image = shapes.render([parse_caption("a red circle on the left")]) * 0.5 + 0.5
     caught = _caption_warnings(lambda: img2img("a red blob on the left", image=image, strength=0.5,
                                                num_inference_steps=2))
@@ -209,3 +215,11 @@ def test_the_warning_can_be_filtered_by_its_class(pipe, fresh):
         pipe("a scarlet circle on the left", num_inference_steps=1)
     assert not any(issubclass(w.category, CaptionWarning) for w in caught)
     assert issubclass(CaptionWarning, UserWarning) and CaptionScene.__mro__[1] is shapes.Scene
+
+
+def test_the_docstring_example_runs_and_scores_its_prompt_fully_correct(pipe):
+    code = textwrap.dedent(parse_caption.__doc__.split("score it::")[1])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {})
+    assert out.getvalue().strip() == "True"

@@ -8,23 +8,13 @@ visible:
 * `parse_caption(text)` turns a caption into a `CaptionScene` (a `shapes.Scene`), so a reader's own
   prompt can be rendered (`shapes.render`) and scored against the image TinySD made of it. It
   raises a `ValueError` that names each word it cannot place and says what was expected there.
-* `checked_tokenizer.TinySDTokenizer` is the `CLIPTokenizer` that `load_pipeline("tiny")` gives TinySD's
-  pipelines.
-  When it encodes a prompt for the text encoder (exactly the 77-token window: padded and
-  truncated, as diffusers' pipelines and `ldm.sample` do), it raises a `CaptionWarning` for a prompt that
-  `parse_caption` cannot read. The warning names the words, and comes once per prompt per process.
+* `checked_tokenizer.TinySDTokenizer` is the `CLIPTokenizer` that `load_pipeline("tiny")` gives
+  TinySD's pipelines. When it encodes a prompt for the text encoder (exactly the 77-token window,
+  padded and truncated, as diffusers' pipelines and `ldm.sample` do), it raises a `CaptionWarning`
+  for a prompt that `parse_caption` cannot read. The warning names the words, and comes once per
+  prompt per process. The empty prompt (the unconditional one) never warns.
 
-Example: write a prompt, read it, generate it, score it::
-
-    import torch
-    import ldm_tutorial as ldm
-    from ldm_tutorial.tinysd import evaluate, parse_caption, parser
-
-    prompt = "a big blue cross in the centre and a yellow circle at the top right"
-    scene = parse_caption(prompt)        # raises ValueError naming any word it cannot place
-    pipe = ldm.load_pipeline("tiny", verbose=False)
-    image = ldm.sample(pipe, prompt, generator=torch.Generator().manual_seed(0)).images[0]
-    print(evaluate.fully_correct(parser.parse_scene(image), scene.objects))  # colour, shape, cell
+`parse_caption`'s docstring has an example to copy: write a prompt, read it, generate it, score it.
 """
 
 from __future__ import annotations
@@ -173,6 +163,18 @@ def parse_caption(text: str, default_size: str = "large") -> CaptionScene:
         ValueError: `text` is not a non-empty string, or it holds words the grammar cannot place;
             the message quotes each phrase it cannot read, the word at fault and what was
             expected there (every phrase is checked, not only the first bad one).
+
+    Example: write a prompt, read it, generate it, score it::
+
+        import torch
+        import ldm_tutorial as ldm
+        from ldm_tutorial.tinysd import evaluate, parse_caption, parser
+
+        prompt = "a big blue cross in the centre and a yellow circle at the top right"
+        scene = parse_caption(prompt)        # raises ValueError naming any word it cannot place
+        pipe = ldm.load_pipeline("tiny", verbose=False)
+        image = ldm.sample(pipe, prompt, generator=torch.Generator().manual_seed(0)).images[0]
+        print(evaluate.fully_correct(parser.parse_scene(image), scene.objects))  # colour, shape, cell
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a string (a caption such as {_EXAMPLE!r}), got {type(text).__name__}")
@@ -300,7 +302,7 @@ def warn_prompts(prompts: str | list[str], tokenizer=None) -> list[str]:
         if problem is None:
             continue
         warned.append(p)
-        warnings.warn(f"TinySD cannot read the prompt {p!r} as one of its captions, so the image may not "
-                      f"show it: {problem} (ldm.tinysd.parse_caption(prompt) checks a prompt; this warning "
+        warnings.warn(f"TinySD cannot read the prompt {p!r} as one of its captions, so the model may not "
+                      f"follow it: {problem} (ldm.tinysd.parse_caption(prompt) checks a prompt; this warning "
                       f"comes once per prompt)", CaptionWarning, stacklevel=_caller_stacklevel())
     return warned
