@@ -240,3 +240,15 @@ def test_a_batch_of_three_matches_the_pipeline(pipe):
     ref = pipe(prompts, num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(7),
                output_type="latent").images
     torch.testing.assert_close(ours.latents, ref, atol=1e-4, rtol=0)
+
+
+def test_a_batch_of_three_outside_the_guidance_interval_is_each_prompt_alone(pipe):
+    """Steps outside the interval run the prompt half of the embeddings only: for three prompts, the
+    last three of six rows. Each image must come out as it does in a batch of one."""
+    prompts = ["a red circle", "a green cross", "a blue square"]
+    noise = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, guidance_interval=(334, 334))
+    together = sample(pipe, prompts, latents=noise, **kw).latents
+    for i, p in enumerate(prompts):
+        alone = sample(pipe, p, latents=noise[i:i + 1], **kw).latents
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-4, rtol=0)
