@@ -257,9 +257,9 @@ def _caller_stacklevel() -> int:
     """The stacklevel of the first frame outside ldm_tutorial, diffusers, transformers and torch."""
     skip = _library_dirs()
     frame, level = sys._getframe(2), 2     # 1: the function that calls warnings.warn
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
-    return level
+    return level                           # the outermost frame when every frame is the library's
 
 
 def prompt_problem(prompt: str, tokenizer=None) -> str | None:
