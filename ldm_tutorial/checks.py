@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import torch
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that attributes a warning to the first frame outside this package: the
+    reader's line that called `ldm.sample`, however many package frames (or decorators) lie between."""
+    frame, level = sys._getframe(1), 1                    # level 1: the function that calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _shown(value) -> str:
@@ -121,4 +134,4 @@ def warn_truncation(tokenizer, prompts_: list[str], name: str = "prompt") -> Non
             where = f"{name}[{i}]" if len(prompts_) > 1 else name
             warnings.warn(f"{where} is {len(ids)} tokens long; the text encoder sees {limit} (start and end "
                           f"tokens included), so {len(dropped)} tokens were dropped: {text!r}",
-                          UserWarning, stacklevel=4)   # the caller of sample (under torch.no_grad)
+                          UserWarning, stacklevel=_caller_stacklevel())   # the caller of sample

@@ -302,3 +302,15 @@ def test_a_list_of_one_generator_is_the_generator_itself(pipe):
     alone = sample(pipe, "a red cross", generator=torch.Generator().manual_seed(21), **kw)
     listed = sample(pipe, "a red cross", generator=[torch.Generator().manual_seed(21)], **kw)
     torch.testing.assert_close(listed.latents, alone.latents, atol=0, rtol=0)
+
+
+def test_the_truncation_warning_points_at_the_line_that_called_sample(pipe):
+    """A reader sees their own cell's line under the warning, not a frame inside the package (or
+    above the caller), whatever wraps sample inside (a decorator, a context)."""
+    long = " and ".join(["a small red circle in the top left corner"] * 12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample(pipe, long, num_inference_steps=1)
+    (warning,) = [w for w in caught if "tokens long" in str(w.message)]
+    assert warning.filename == __file__
+    assert checks._caller_stacklevel() == 1             # called from a test: this frame already
