@@ -160,7 +160,7 @@ def profile_image(pipe, prompt: str, num_inference_steps: int = 25, guidance_sca
     modules = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decode": pipe.vae.decoder}
     labels = [_Label(m, name) for name, m in modules.items()]
     try:
-        sample(pipe, "warm-up", num_inference_steps=1)                 # first-call costs out
+        sample(pipe, prompt, num_inference_steps=1)                    # first-call costs out
         with _QuietNativeStderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function("image"):
                 sample(pipe, prompt, num_inference_steps=num_inference_steps,
