@@ -79,7 +79,7 @@ def test_a_long_prompt_says_how_many_tokens_were_dropped(pipe):
         sample(pipe, prompt, num_inference_steps=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                   # a prompt that fits says nothing
-        sample(pipe, "a red cross", num_inference_steps=1)
+        sample(pipe, "a red cross in the centre", num_inference_steps=1)
 
 
 def test_height_none_is_the_default_and_a_multiple_of_8_works(pipe):
@@ -307,6 +307,10 @@ def test_a_list_of_one_generator_is_the_generator_itself(pipe):
 def test_the_truncation_warning_points_at_the_line_that_called_sample(pipe):
     """A reader sees their own cell's line under the warning, not a frame inside the package (or
     above the caller), whatever wraps sample inside (a decorator, a context)."""
+    import os
+
+    if "MUTANT_UNDER_TEST" in os.environ:                # mutmut's trampolines add frames outside the package
+        pytest.skip("mutmut's trampoline frames sit between sample and its caller")
     long = " and ".join(["a small red circle in the top left corner"] * 12)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
