@@ -190,3 +190,18 @@ def test_generation_latents_reproduce_the_pipeline_call_of_prompt_adherence():
     theirs = pipe([shapes.describe(s) for s in scenes], num_inference_steps=3, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(evaluate.DEFECT_SEED), output_type="pt").images * 2 - 1
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+
+
+def test_the_committed_section_shows_each_rows_numbers_and_sample_size():
+    sc = shapes.sample_scenes(4, seed=10004, n_objects=1)
+    ref = shapes.render(shapes.sample_scenes(16, seed=1))
+    x = shapes.render(sc)
+    x[:, 0, :6, :6] = 1.0
+    row = defects.all_defects(x, sc, train_reference=ref)
+    res = {"n_per_count": 2, "machine": {"cpu": "test CPU", "torch": "0"}, "date": "2026-12-02", "seed": 10003,
+           "n_reference": 16, "sources": {"shipped": {"rows": {"painted": row}}},
+           "adherence": {"shipped": {"default": {"1_object": {"fully_correct": 0.979}, "2_object": {"fully_correct": 0.906},
+                                                 "defects": row}}}}
+    text = evaluate.defects_markdown(res)
+    assert "| painted | 4 | " in text and f"{row['corner_top_left']:.3f}" in text
+    assert "| shipped | default | 97.9% | 90.6% |" in text and "n=4 held-out" in text

@@ -132,7 +132,7 @@ def seconds_per_image(steps: int = 25, guidance_scale: float = 5.0, repeats: int
     from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
 
     pipe = load_pipeline("tiny", verbose=False)
-    pipe("a red circle", num_inference_steps=2)            # warm-up
+    pipe("a red circle in the centre", num_inference_steps=2)  # warm-up
     best = float("inf")
     for r in range(repeats):
         t0 = time.perf_counter()
@@ -337,7 +337,8 @@ def defect_metrics(vae=None, taesd=None, pipe=None, n_per_count: int = 32, n_ref
     mode), "TAESD decode" (of the VAE's scaled latents), "constant latents" (each image's latent
     replaced by its spatial mean, decoded: what the decoder draws whatever the latents), and, with
     generation, "text-to-image" (25 DDIM steps, guidance 5, the standard evaluation's prompts and
-    noise; pass `latents` from `generation_latents` to reuse them). Round-trip rows are judged
+    noise; pass `latents` from `generation_latents` to reuse them) and the same latents decoded by
+    TAESD (a defect both decoders draw is in the latents, so the U-Net's). Round-trip rows are judged
     against their inputs, the others against n_reference rendered training scenes.
     vae / taesd / pipe: the components to measure (default: the shipped ones); a pipe's own VAE is
     replaced by `vae` for decoding, so a candidate decoder is measured on the same latents.
@@ -368,6 +369,9 @@ def defect_metrics(vae=None, taesd=None, pipe=None, n_per_count: int = 32, n_ref
             latents = generation_latents(pipe or load_pipeline("tiny", verbose=False), scenes,
                                          n_per_count=n_per_count)
         row("text-to-image", decode_latents(vae, latents))
+        # the same latents through the preview decoder: a defect that stays is in the latents (U-Net)
+        row("text-to-image, TAESD decode", torch.cat([taesd.decode(latents[i:i + 64]).sample.clamp(-1, 1)
+                                                      for i in range(0, len(latents), 64)]))
     return {"n": len(scenes), "n_per_count": n_per_count, "n_reference": n_reference, "rows": rows}
 
 
@@ -424,12 +428,17 @@ def defect_study(candidate_vae: str | None = None, diagnose: bool = True, adhere
     vaes = {"shipped": pipe.vae}
     if candidate_vae:
         vaes["candidate"] = AutoencoderKL.from_pretrained(candidate_vae, torch_dtype=torch.float32).eval()
+        ship, cand = pipe.vae.state_dict(), vaes["candidate"].state_dict()
+        enc = [k for k in ship if not k.startswith(("decoder.", "post_quant_conv."))]
     taesd = load_taesd()
     scenes = defect_scenes(n_per_count)
     ref, ref_parsed = defect_reference()
     res: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
                  "date": str(datetime.date.today()), "n_per_count": n_per_count, "n_reference": len(ref),
                  "candidate_vae": candidate_vae, "seed": DEFECT_SEED}
+    if candidate_vae:   # a decoder fine-tune must leave the encoder (so every U-Net's latents) as it was
+        res["candidate_encoder_max_abs_diff"] = max(float((ship[k].float() - cand[k].float()).abs().max()) for k in enc)
+        res["candidate_scaling_factor"] = vaes["candidate"].config.scaling_factor
     default = cached(f"guidance 5 (default)/{n_per_count}", scenes, {}, n_per_count)
     res["sources"] = {name: defect_metrics(v, taesd, pipe, n_per_count, latents=default)
                       for name, v in vaes.items()}
@@ -481,6 +490,54 @@ def defect_table(rows: dict, columns=DEFECT_COLUMNS) -> list[str]:
     return lines
 
 
+def defects_markdown(res: dict) -> str:
+    """The committed section of benchmarks/tinysd.md for a `defect_study` result."""
+    n, npc = res["n_per_count"] * 2, res["n_per_count"]
+    out = ["## Visual defects: metrics, diagnosis, before and after", "",
+           f"`python -m ldm_tutorial.tinysd.evaluate --defects --diagnose --threads 1` on {res['machine']['cpu']}, "
+           f"1 thread, torch {res['machine']['torch']}, {res['date']}. Metrics: `ldm_tutorial/tinysd/defects.py` "
+           f"(definitions in its docstrings); raw numbers: `ldm_tutorial/results/tinysd_defects.json`. Every row "
+           f"holds the same n={n} held-out scenes or prompts ({npc} one-object and {npc} two-object: the first "
+           f"of the standard evaluation's, seed {res['seed']} + count, and its noise). Training reference: "
+           f"{res['n_reference']} rendered scenes of seed {DEFECT_REFERENCE_SEED}.", "",
+           "Columns: top-left 6x6 chroma (max - min of RGB, [0, 1]); x ref.: over the reference (the same image's "
+           "input for the round trips, the training scenes otherwise); smudged: share above 2 x input + 0.05 "
+           "(round trips) or above the training scenes' 99th percentile; other corners: the other three corners "
+           "and the top edge's middle, same ratio; fringe: pixels within 4 px outside an object, chroma > 0.2, "
+           "hue > 30 degrees from the object's, per object, and the share of objects with >= 8; background: "
+           "luminance std outside the objects over the training scenes', and the share classified as each "
+           "training background (flat / gradient / noise / stripes) or none of them (other); object counts "
+           "and shapes from the parser against the prompt.", ""]
+    for name, src in res["sources"].items():
+        out += [f"### Image sources, {name} decoder", "", *defect_table(src["rows"]), ""]
+    if "constant_latent_chroma" in res:
+        c = res["constant_latent_chroma"]
+        out += ["Constant latents (each scene's mean latent everywhere), mean chroma of the 6x6 top-left corner "
+                "against the 6x6 centre: " + "; ".join(f"{k} decoder {v['top_left']:.3f} vs {v['centre']:.3f} "
+                                                        f"(n={v['n']})" for k, v in c.items()) + ".", ""]
+    for name, rows in res.get("diagnosis", {}).items():
+        out += [f"### Diagnosis: text-to-image settings, {name} decoder (25 DDIM steps and guidance 5 unless "
+                "the row says otherwise)", "", *defect_table(rows), ""]
+    if res.get("adherence"):
+        out += ["### Standard prompt adherence (fully correct, n=96 per count, the standard evaluation's prompts "
+                "and noise)", "", "| decoder | setting | 1 object | 2 objects |", "|---|---|---|---|"]
+        for name, rows in res["adherence"].items():
+            for key, r in rows.items():
+                out.append(f"| {name} | {key} | {r['1_object']['fully_correct']:.1%} | {r['2_object']['fully_correct']:.1%} |")
+        out += ["", "Defect metrics on those n=192 images:", "",
+                *defect_table({f"{name}, {key}": r["defects"] for name, rows in res["adherence"].items()
+                               for key, r in rows.items()}), ""]
+    if res.get("vae_metrics"):
+        out += ["### vae_metrics (held-out shapes, n=128)", "", "| decoder | PSNR mean / min | SSIM | parser on "
+                "reconstructions | photos PSNR |", "|---|---|---|---|---|"]
+        for name, v in res["vae_metrics"].items():
+            s = v["shapes"]
+            out.append(f"| {name} | {s['psnr_db']:.2f} / {s['psnr_db_min']:.2f} dB | {s['ssim']:.3f} | "
+                       f"{s['parser_accuracy_on_reconstructions']:.1%} | {v['photos']['psnr_db']:.2f} dB |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m ldm_tutorial.tinysd.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -498,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--diagnose", action="store_true", help="with --defects: every DEFECT_SETTINGS row too")
     p.add_argument("--candidate-vae", default=None, help="with --defects: a diffusers VAE folder to measure "
                                                          "beside the shipped one (the 'after' column)")
-    p.add_argument("--adherence-settings", default="", help="with --defects: comma-separated DEFECT_SETTINGS "
+    p.add_argument("--adherence-settings", default="", help="with --defects: semicolon-separated DEFECT_SETTINGS "
                                                             "names whose standard adherence to measure too")
     p.add_argument("--n-per-count", type=int, default=32, help="with --defects: prompts per object count")
     p.add_argument("--latents", default=None, help="with --defects: cache of generated latents (torch file)")
@@ -508,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.defects:
-        names = tuple(n for n in a.adherence_settings.split(",") if n)
+        names = tuple(n.strip() for n in a.adherence_settings.split(";") if n.strip())
         unknown = [n for n in names if n not in DEFECT_SETTINGS]
         if unknown:
             raise SystemExit(f"--adherence-settings: unknown {unknown}; choose from {list(DEFECT_SETTINGS)}")
