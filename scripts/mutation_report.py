@@ -4,7 +4,8 @@
     .venv/bin/python scripts/mutation_report.py [--dir build/mutation] [--seconds S] [--merge]
 
 Reads `mutmut results --all true` in the run's directory (`--dir`: where mutmut ran and keeps its
-mutants/ folder; one "name: status" line per mutant) and the reviewed list of
+mutants/ folder; one "name: status" line per mutant), the reviewed survivors that are real but not
+killed here (`benchmarks/mutation_survivors.txt`, same format: listed with their reason) and the reviewed list of
 equivalent mutants, `benchmarks/mutation_equivalent.txt` ("mutant name  # why it cannot be told
 apart"). A mutant is killed when a test fails (or times out) with it in place; survived when every
 selected test passes; equivalent when review found it changes no behaviour; not run when mutmut has
@@ -109,7 +110,11 @@ def main() -> None:
         survivors_lines = kept
     else:
         survivors_lines = []
-    survivors_lines += [f"- `{s}`" for s in survivors]
+    reviewed = read_equivalent(ROOT / "benchmarks" / "mutation_survivors.txt")     # real, reviewed, not killed
+    survivors_lines += [f"- `{s}`" for s in survivors if s.rsplit(" (", 1)[0] not in reviewed]
+    kept_real = [f"- `{s}`: {reviewed[s.rsplit(' (', 1)[0]]}" for s in survivors if s.rsplit(" (", 1)[0] in reviewed]
+    if kept_real:
+        lines += ["", "## Survivors reviewed: real, not killed here (benchmarks/mutation_survivors.txt)", ""] + kept_real
     if survivors_lines:
         lines += ["", "## Survivors not yet reviewed", ""] + survivors_lines
     report.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))

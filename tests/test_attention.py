@@ -230,3 +230,53 @@ def test_token_index_error_lists_the_prompt_words(tok):
         A.token_index(tok, "a red circle on the left", "square")
     assert str(info.value) == ("word 'square' is not in the prompt 'a red circle on the left' "
                                "(its words: ['a', 'red', 'circle', 'on', 'the', 'left'])")
+
+
+@torch.no_grad()
+def test_every_error_message_whole_and_the_index_and_call_checks(unet):
+    x, t, text = _inputs()
+    with pytest.raises(ValueError) as info:
+        A.token_maps(A.CrossAttentionStore())
+    assert str(info.value) == "store is empty: run the U-Net inside capture_cross_attention first"
+    with pytest.raises(ValueError) as info:
+        A.prompt_to_prompt(unet, inject_steps=2)
+    assert str(info.value) == "keep_own and inject_steps need inject (a CrossAttentionStore of the source run)"
+    with A.capture_cross_attention(unet) as store:                        # one U-Net call, batch of 2
+        unet(x, t, encoder_hidden_states=text)
+    assert A.token_maps(store).shape == (2, 77, 128, 128)                 # TinySD's image size by default
+    for bad in (2, -1):
+        with pytest.raises(ValueError) as info:
+            A.token_maps(store, batch_index=bad)
+        assert str(info.value) == f"batch_index must be in 0..1, got {bad}"
+    with pytest.raises(ValueError, match="^step must be an int, got float$"):
+        A.token_maps(store, steps=[0.0])
+    # the source run must hold every call of every layer this run edits
+    with A.prompt_to_prompt(unet, inject=store):                          # one call: fine
+        unet(x, t, encoder_hidden_states=text)
+    layer = store.layers[0]
+    with pytest.raises(ValueError) as info:
+        with A.prompt_to_prompt(unet, inject=store):
+            unet(x, t, encoder_hidden_states=text)
+            unet(x, t, encoder_hidden_states=text)                        # a second call: none stored
+    assert str(info.value) == (f"inject holds no call 1 of layer {layer!r}: the source run must use "
+                               "the same U-Net, batch and number of steps")
+    partial = A.CrossAttentionStore({layer: store.probs[layer]}, {layer: store.side[layer]})
+    with pytest.raises(ValueError, match=r"^inject holds no call 0 of layer "):
+        with A.prompt_to_prompt(unet, inject=partial):                    # the other layers are missing
+            unet(x, t, encoder_hidden_states=text)
+
+
+def test_token_maps_upsample_as_pil_bilinear_does():
+    """Pixel-centre bilinear upsampling (align_corners=False) is what PIL's BILINEAR resize does:
+    an independent implementation of the same resampling."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(1, 1, 16, 2, generator=g)                           # one head, 4x4 queries, 2 tokens
+    store = A.CrossAttentionStore({"l": [probs]}, {"l": 4})
+    maps = A.token_maps(store, size=16)
+    for tok_i in range(2):
+        small = probs[0, 0, :, tok_i].reshape(4, 4).numpy().astype(np.float32)
+        want = np.asarray(Image.fromarray(small, "F").resize((16, 16), Image.BILINEAR))
+        np.testing.assert_allclose(maps[0, tok_i].numpy(), want, atol=1e-5)

@@ -318,3 +318,28 @@ def test_the_truncation_warning_points_at_the_line_that_called_sample(pipe):
     (warning,) = [w for w in caught if "tokens long" in str(w.message)]
     assert warning.filename == __file__
     assert checks._caller_stacklevel() == 1             # called from a test: this frame already
+
+
+def test_the_truncation_check_adds_no_tokenizer_log_line():
+    """The tokenizer would log "Token indices sequence length is longer than ..." for a long prompt
+    (once per tokenizer); the check measures with verbose=False, so the reader sees its warning only."""
+    import logging
+
+    from transformers import CLIPTokenizer
+
+    from ldm_tutorial import tinysd
+
+    tok = CLIPTokenizer.from_pretrained(tinysd.component_dir("tokenizer"))       # a fresh one: never logged
+    long = " and ".join(["a small red circle in the top left corner"] * 12)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with pytest.warns(UserWarning, match="tokens long"):
+            checks.warn_truncation(tok, [long])
+        assert not [r for r in records if "sequence length" in r.getMessage()]
+        tok([long])                                                    # the tokenizer's own call does log
+        assert [r for r in records if "sequence length" in r.getMessage()]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)

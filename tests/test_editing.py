@@ -439,3 +439,62 @@ def test_the_cli_writes_the_sweep_as_json_with_nan_as_null_and_its_page(tmp_path
     with pytest.raises(ValueError, match="--threads"):
         editing.main(["--sweep", "--threads", "0"])
     assert calls == [(2, 3, 1, 4)]                                # refused before any sweep ran
+
+
+def test_border_band_is_two_pixels_each_side_by_default():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1                                             # border between columns 3 and 4
+    assert editing.border_band(mask)[0].all(0).tolist() == [c in (2, 3, 4, 5) for c in range(8)]
+
+
+def test_a_numpy_image_with_two_channels_gets_no_alpha_hint():
+    with pytest.raises(ValueError) as info:
+        editing.as_image(np.zeros((8, 8, 2), np.uint8))
+    assert str(info.value) == "image: a numpy image must be (H, W, 3) or (B, H, W, 3), got shape (8, 8, 2)"
+
+
+def test_inpaint_reports_the_mask_notes_and_a_strength_that_runs_no_step(inpaint_pipe, scene):
+    soft = torch.full((1, 1, 128, 128), 0.3)
+    soft[..., 32:96, 32:96] = 0.8                                 # soft: as_mask thresholds it, and says so
+    _, mask_notes = _notes(editing.as_mask, soft, (128, 128))
+    assert mask_notes
+    out = editing.inpaint(inpaint_pipe, scene, soft, "a red square", strength=0.01, num_inference_steps=2)
+    assert all(n in out.notes for n in mask_notes)
+    assert ("strength=0.01 with 2 steps runs int(2 * 0.01) = 0 denoising steps (diffusers refuses); "
+            "returned the VAE round trip") in out.notes
+    assert out.timesteps == []
+
+
+def test_the_blending_pipeline_is_built_without_the_safety_checker_notice():
+    import logging
+
+    text_pipe = ldm.load_pipeline("tiny", verbose=False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        editing.blending_pipeline(text_pipe)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "safety checker" in r.getMessage()]
+
+
+def test_the_cli_defaults_are_the_committed_sample_sizes_and_page(tmp_path, monkeypatch):
+    """Without arguments the sweep runs with the sample sizes the committed result states."""
+    committed = ldm.results.load("image_editing")
+    calls = []
+    monkeypatch.setattr(editing, "run_sweep", lambda *a: calls.append(a) or committed)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    threads = torch.get_num_threads()
+    try:
+        editing.main(["--sweep", "--out", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    s = committed["strength_sweep"]
+    assert calls == [(s["n"] // 2, committed["inpainting"]["n"], committed["outpainting"]["n"], s["steps"])]
+    assert (tmp_path / "benchmarks" / "image_editing.md").read_text() == editing.markdown(committed)
+    without_note = {**committed, "meta": {k: v for k, v in committed["meta"].items() if k != "note"}}
+    assert editing.markdown(without_note).splitlines()[3] == (
+        "The machine was shared with other jobs: the seconds are an upper bound.")
