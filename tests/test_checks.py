@@ -343,3 +343,9 @@ def test_the_truncation_check_adds_no_tokenizer_log_line():
         assert [r for r in records if "sequence length" in r.getMessage()]
     finally:
         logging.getLogger("transformers").removeHandler(handler)
+
+
+def test_a_one_sided_bound_is_shown_in_the_message():
+    with pytest.raises(ValueError) as info:
+        checks.finite_number(float("nan"), "eta", 0.0)
+    assert str(info.value) == "eta must be a finite number in [0.0, None], got nan"
