@@ -280,3 +280,21 @@ def test_token_maps_upsample_as_pil_bilinear_does():
         small = probs[0, 0, :, tok_i].reshape(4, 4).numpy().astype(np.float32)
         want = np.asarray(Image.fromarray(small, "F").resize((16, 16), Image.BILINEAR))
         np.testing.assert_allclose(maps[0, tok_i].numpy(), want, atol=1e-5)
+
+
+@torch.no_grad()
+def test_index_zero_and_inject_steps_zero_are_allowed(unet):
+    x, t, text = _inputs()
+    with A.capture_cross_attention(unet) as store:
+        plain = unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(A.token_maps(store, steps=[0]), A.token_maps(store))    # the first call
+    with A.prompt_to_prompt(unet, reweight={0: 1.0}):                  # the start token may be reweighted
+        same = unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(same, plain)
+    other = torch.randn(text.shape, generator=torch.Generator().manual_seed(9))
+    with A.prompt_to_prompt(unet, inject=store, inject_steps=0):        # inject nothing: its own maps
+        own = unet(x, t, encoder_hidden_states=other).sample
+    torch.testing.assert_close(own, unet(x, t, encoder_hidden_states=other).sample)
+    with pytest.raises(ValueError) as info:
+        A.prompt_to_prompt(unet, inject=store, inject_steps=-1)
+    assert str(info.value) == "inject_steps must be >= 0, got -1"

@@ -498,3 +498,39 @@ def test_the_cli_defaults_are_the_committed_sample_sizes_and_page(tmp_path, monk
     without_note = {**committed, "meta": {k: v for k, v in committed["meta"].items() if k != "note"}}
     assert editing.markdown(without_note).splitlines()[3] == (
         "The machine was shared with other jobs: the seconds are an upper bound.")
+
+
+@pytest.mark.parametrize("mode", ["LA", "P"])
+def test_grey_alpha_and_palette_transparency_are_composited_over_white(mode):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[0, 0, 3] = 0                                             # one transparent pixel
+    im = PIL.Image.fromarray(rgba, "RGBA")
+    im = im.convert("LA") if mode == "LA" else im.convert("RGB").convert("P")
+    if mode == "P":
+        im.info["transparency"] = im.getpixel((0, 0))              # black is the transparent index
+    x, notes = _notes(editing.as_image, im)
+    assert x[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]                # white where it was clear
+    assert any("alpha was composited over white" in n for n in notes)
+
+
+def test_float_image_at_minus_one_exactly_is_accepted():
+    t = torch.full((1, 3, 8, 8), -1.0)
+    t[..., 0, 0] = 1.0
+    torch.testing.assert_close(editing.as_image(t, notes=[]), t)
+
+
+def test_a_mask_size_of_zero_is_refused():
+    with pytest.raises(ValueError, match=r"^size must be \(height, width\) as two positive integers"):
+        editing.as_mask(torch.zeros(1, 1, 8, 8), (0, 8))
+
+
+def test_inpaint_keeps_a_wide_image_wide_and_reports_its_timesteps(inpaint_pipe, scene):
+    wide = torch.cat([scene, scene[..., :32]], -1)                # 128 x 160
+    mask = torch.zeros(1, 1, 128, 160)
+    mask[..., 40:88, 40:88] = 1
+    out = editing.inpaint(inpaint_pipe, wide, mask, "a red square", strength=1.0, num_inference_steps=2)
+    assert out.images.shape == (1, 3, 128, 160)
+    assert out.timesteps == [int(t) for t in inpaint_pipe.scheduler.timesteps] and len(out.timesteps) == 2
+    with pytest.raises(ValueError, match=r"^image: 2 images and 3 prompts"):
+        editing.inpaint(inpaint_pipe, torch.cat([scene, scene]), mask[..., :128], ["a", "b", "c"])
