@@ -308,14 +308,16 @@ def background_texture(images: torch.Tensor, parsed: list | None = None, cutoff:
 
 
 def background_report(images: torch.Tensor, reference: torch.Tensor, parsed: list | None = None,
-                      reference_parsed: list | None = None, cutoff: float = 0.25) -> dict:
+                      reference_parsed: list | None = None, cutoff: float = 0.25,
+                      reference_texture: dict | None = None) -> dict:
     """`background_texture` of images against a reference batch (rendered training scenes).
 
     Returns the mean background std of each and their ratio, the mean high-frequency share of each
     and their ratio, and the share of each background kind in each ("kinds", "reference_kinds").
     """
     a = background_texture(images, parsed, cutoff)
-    r = background_texture(reference, reference_parsed, cutoff)
+    # reference_texture: background_texture(reference, ...) computed once for many batches
+    r = reference_texture if reference_texture is not None else background_texture(reference, reference_parsed, cutoff)
     return {"std": float(np.mean(a["std"])), "reference_std": float(np.mean(r["std"])),
             "std_ratio": float(np.mean(a["std"]) / max(np.mean(r["std"]), 1e-9)),
             "high_freq_share": float(np.mean(a["high_freq_share"])),
@@ -387,6 +389,9 @@ def shape_confusion(parsed: list, scenes: list, size: str = "small", shape: str 
             "as": {s: found.count(s) / n if n else float("nan") for s in shapes.SHAPES if s != shape}}
 
 
+_TRAIN_TEXTURE: dict = {}
+
+
 def all_defects(images: torch.Tensor, scenes: list | None = None, inputs: torch.Tensor | None = None,
                 train_reference: torch.Tensor | None = None, train_parsed: list | None = None) -> dict:
     """Every defect metric of one batch, flattened to floats (one row of the evaluate tables).
@@ -415,7 +420,9 @@ def all_defects(images: torch.Tensor, scenes: list | None = None, inputs: torch.
                 "corner_other_regions_ratio": cs["other_regions_ratio"], "corner_n": cs["n"],
                 "fringe_px_per_object": fr_own["pixels_per_object"], "fringe_share_of_halo": fr_own["share_of_halo"],
                 "objects_fringed": fr_own["objects_fringed"], "fringe_n_objects": fr_own["n_objects"]})
-    bg = background_report(images, train_reference, parsed, train_parsed)
+    if _TRAIN_TEXTURE.get("ref") is not train_reference:   # the reference's backgrounds, measured once
+        _TRAIN_TEXTURE.update(ref=train_reference, value=background_texture(train_reference, train_parsed))
+    bg = background_report(images, train_reference, parsed, train_parsed, reference_texture=_TRAIN_TEXTURE["value"])
     row.update({"bg_std": bg["std"], "bg_std_ratio": bg["std_ratio"], "bg_high_freq_share": bg["high_freq_share"],
                 "bg_high_freq_ratio": bg["high_freq_ratio"], "bg_reference_std": bg["reference_std"],
                 **{f"bg_{k}": v for k, v in bg["kinds"].items()}})

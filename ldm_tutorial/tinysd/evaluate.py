@@ -461,6 +461,15 @@ def defect_study(candidate_vae: str | None = None, diagnose: bool = True, adhere
             res["adherence"][name][key]["defects"] = defects.all_defects(
                 decode_latents(v, lat), full, train_reference=ref, train_parsed=ref_parsed)
         log(f"adherence done: {key}")
+    # small squares through each decoder's round trip, on more scenes than a row holds
+    sq_scenes = shapes.sample_scenes(256, seed=EVAL_SEED + 2)
+    sq_x = shapes.render(sq_scenes)
+    res["round_trip_small_squares"] = {}
+    for name, v in vaes.items():
+        rec = decode_latents(v, torch.cat([v.encode(sq_x[i:i + 64]).latent_dist.mode() for i in range(0, 256, 64)])
+                             * v.config.scaling_factor)
+        res["round_trip_small_squares"][name] = defects.shape_confusion([parser.parse_scene(im) for im in rec],
+                                                                        sq_scenes, "small", "square")
     if candidate_vae:
         res["vae_metrics"] = {name: vae_metrics(vae=v) for name, v in vaes.items()}
     return res
@@ -527,6 +536,11 @@ def defects_markdown(res: dict) -> str:
         out += ["", "Defect metrics on those n=192 images:", "",
                 *defect_table({f"{name}, {key}": r["defects"] for name, rows in res["adherence"].items()
                                for key, r in rows.items()}), ""]
+    if res.get("round_trip_small_squares"):
+        out += ["Small squares through the VAE round trip (256 held-out scenes, seed 10002): " + "; ".join(
+            f"{k} decoder {1 - v['correct']:.0%} misdrawn of {v['n']} (" + ", ".join(
+                f"{s} {x:.0%}" for s, x in v["as"].items()) + ")" for k, v in res["round_trip_small_squares"].items())
+                + ".", ""]
     if res.get("vae_metrics"):
         out += ["### vae_metrics (held-out shapes, n=128)", "", "| decoder | PSNR mean / min | SSIM | parser on "
                 "reconstructions | photos PSNR |", "|---|---|---|---|---|"]
