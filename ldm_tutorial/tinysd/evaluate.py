@@ -502,21 +502,28 @@ def defect_table(rows: dict, columns=DEFECT_COLUMNS) -> list[str]:
 def defects_markdown(res: dict) -> str:
     """The committed section of benchmarks/tinysd.md for a `defect_study` result."""
     n, npc = res["n_per_count"] * 2, res["n_per_count"]
+    extra = [k for k in next(iter(res.get("adherence", {}).values()), {}) if k != "guidance 5 (default)"]
+    cmd = ("python -m ldm_tutorial.tinysd.evaluate --defects" + (" --diagnose" if "diagnosis" in res else "")
+           + f" --threads 1 --n-per-count {npc}" + (f' --adherence-settings "{";".join(extra)}"' if extra else "")
+           + (f" --candidate-vae {res['candidate_vae']}" if res.get("candidate_vae") else ""))
     out = ["## Visual defects: metrics, diagnosis, before and after", "",
-           f"`python -m ldm_tutorial.tinysd.evaluate --defects --diagnose --threads 1` on {res['machine']['cpu']}, "
+           f"`{cmd}` on {res['machine']['cpu']}, "
            f"1 thread, torch {res['machine']['torch']}, {res['date']}. Metrics: `ldm_tutorial/tinysd/defects.py` "
            f"(definitions in its docstrings); raw numbers: `ldm_tutorial/results/tinysd_defects.json`. Every row "
            f"holds the same n={n} held-out scenes or prompts ({npc} one-object and {npc} two-object: the first "
            f"of the standard evaluation's, seed {res['seed']} + count, and its noise). Training reference: "
            f"{res['n_reference']} rendered scenes of seed {DEFECT_REFERENCE_SEED}.", "",
-           "Columns: top-left 6x6 chroma (max - min of RGB, [0, 1]); x ref.: over the reference (the same image's "
-           "input for the round trips, the training scenes otherwise); smudged: share above 2 x input + 0.05 "
-           "(round trips) or above the training scenes' 99th percentile; other corners: the other three corners "
-           "and the top edge's middle, same ratio; fringe: pixels within 4 px outside an object, chroma > 0.2, "
-           "hue > 30 degrees from the object's, per object, and the share of objects with >= 8; background: "
-           "luminance std outside the objects over the training scenes', and the share classified as each "
-           "training background (flat / gradient / noise / stripes) or none of them (other); object counts "
-           "and shapes from the parser against the prompt.", ""]
+           "Columns:", "",
+           "- top-left chroma: mean max - min of RGB ([0, 1]) in the 6x6 top-left corner. x ref.: over the "
+           "reference (the same image's input for round trips, the training scenes otherwise).",
+           "- smudged: share above 2 x input + 0.05 (round trips) or above the training scenes' 99th percentile.",
+           "- other corners: the other three corners and the top edge's middle, the same ratio.",
+           "- fringe: pixels within 4 px outside an object with chroma > 0.2 and hue > 30 degrees from the "
+           "object's, per object; objects fringed: the share with at least 8.",
+           "- background: luminance std outside the objects over the training scenes'; then the share "
+           "classified as each training background (flat, gradient, noise, stripes) or as none (other).",
+           "- object counts and shapes: the parser against the prompt (small squares: misdrawn share, "
+           "requested ones found in brackets).", ""]
     for name, src in res["sources"].items():
         out += [f"### Image sources, {name} decoder", "", *defect_table(src["rows"]), ""]
     if "constant_latent_chroma" in res:
