@@ -534,3 +534,50 @@ def test_inpaint_keeps_a_wide_image_wide_and_reports_its_timesteps(inpaint_pipe,
     assert out.timesteps == [int(t) for t in inpaint_pipe.scheduler.timesteps] and len(out.timesteps) == 2
     with pytest.raises(ValueError, match=r"^image: 2 images and 3 prompts"):
         editing.inpaint(inpaint_pipe, torch.cat([scene, scene]), mask[..., :128], ["a", "b", "c"])
+
+
+def test_run_sweep_feeds_each_comparison_its_held_out_scenes_and_records_the_run(monkeypatch):
+    """The sweep driver with its three comparisons replaced by recorders: each gets the scenes, targets,
+    masks and step count it should (rebuilt here), and the result's meta has what the committed one has."""
+    import datetime
+
+    from ldm_tutorial.runtime import cpu_name
+
+    calls = {}
+
+    def recorder(key):
+        def fn(*args, **kwargs):
+            calls[key] = (args, kwargs)
+            return {"which": key}
+        return fn
+
+    for key in ("strength_sweep", "inpaint_compare", "outpaint_compare"):
+        monkeypatch.setattr(editing, key, recorder(key))
+    result = editing.run_sweep(n_strength=1, n_inpaint=2, n_outpaint=1, steps=3, progress=False)
+
+    def objects(scenes):
+        return [(s.objects, s.bg_seed) for s in scenes]
+
+    (text, scenes, targets, strengths), kw = calls["strength_sweep"]
+    assert objects(scenes) == objects(editing.sweep_scenes(1)) and len(scenes) == 2      # one and two objects
+    assert objects(targets) == objects(editing.edit_targets(scenes, "recolour"))
+    assert strengths == editing.SWEEP_STRENGTHS and kw == {"num_inference_steps": 3, "progress": False}
+    (inp, text2, scenes2, targets2, masks), kw = calls["inpaint_compare"]
+    want = editing.sweep_scenes(2, counts=(2,), seed=editing.SWEEP_SEED + 10)
+    assert objects(scenes2) == objects(want) and inp.unet.config.in_channels == 9 and text2 is text
+    source = shapes.render(want)
+    torch.testing.assert_close(masks, torch.cat([editing.object_mask(source[i:i + 1]) for i in range(2)]))
+    assert objects(targets2) == objects(editing.inpaint_targets(want, source))
+    assert kw == {"num_inference_steps": 3, "progress": False}
+    (inp3, scenes3), kw = calls["outpaint_compare"]
+    assert inp3 is inp and kw == {"num_inference_steps": 3, "progress": False}
+    assert objects(scenes3) == objects(editing.sweep_scenes(1, counts=(1,), seed=editing.SWEEP_SEED + 20))
+    assert {k: result[k] for k in ("strength_sweep", "inpainting", "outpainting")} == {
+        "strength_sweep": {"which": "strength_sweep"}, "inpainting": {"which": "inpaint_compare"},
+        "outpainting": {"which": "outpaint_compare"}}
+    meta, committed = result["meta"], ldm.results.load("image_editing")["meta"]
+    assert meta["command"] == committed["command"] and set(meta["seconds"]) == set(committed["seconds"])
+    s = meta["seconds"]
+    assert min(s.values()) >= 0 and s["total"] >= s["strength"] + s["inpainting"] + s["outpainting"]
+    assert (meta["machine"], meta["threads"]) == (cpu_name(), torch.get_num_threads())
+    assert meta["date"] == datetime.date.today().isoformat() and meta["load_average_end"] >= 0
