@@ -581,3 +581,42 @@ def test_run_sweep_feeds_each_comparison_its_held_out_scenes_and_records_the_run
     assert min(s.values()) >= 0 and s["total"] >= s["strength"] + s["inpainting"] + s["outpainting"]
     assert (meta["machine"], meta["threads"]) == (cpu_name(), torch.get_num_threads())
     assert meta["date"] == datetime.date.today().isoformat() and meta["load_average_end"] >= 0
+
+
+def test_size_and_channel_messages_whole():
+    with pytest.raises(ValueError) as info:
+        editing.as_image(torch.zeros(1, 3, 8, 12), notes=[])
+    assert str(info.value) == ("image is 8x12 (height x width); both must be multiples of 8 (the VAE's "
+                               "downsampling factor): crop or resize it to 8x8 or 8x16")
+    with pytest.raises(ValueError) as info:
+        editing.as_image(torch.zeros(1, 4, 8, 8))
+    assert str(info.value) == ("image: a torch image must be (3, H, W) or (B, 3, H, W), got shape (1, 4, 8, 8) "
+                               "(4 channels: diffusers would take this for latents and skip the VAE; "
+                               "drop or composite the alpha channel)")
+
+
+def test_img2img_is_quiet_by_default_says_its_notes_when_verbose_and_keeps_strength(img2img_pipe, scene,
+                                                                                      capsys):
+    out = editing.img2img(img2img_pipe, scene, "a red square", num_inference_steps=2)
+    assert capsys.readouterr().out == "" and out.strength == 0.6 and out.notes
+    out = editing.img2img(img2img_pipe, scene, "a red square", num_inference_steps=2, verbose=True)
+    assert capsys.readouterr().out.splitlines() == [f"note: {n}" for n in out.notes]
+
+
+def test_inpaint_uses_its_negative_prompt(inpaint_pipe, scene):
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 32:96, 32:96] = 1
+    kw = dict(num_inference_steps=2, guidance_scale=7.5)
+    plain = editing.inpaint(inpaint_pipe, scene, mask, "a red square",
+                            generator=torch.Generator().manual_seed(0), **kw).images
+    negative = editing.inpaint(inpaint_pipe, scene, mask, "a red square", negative_prompt="a blue circle",
+                               generator=torch.Generator().manual_seed(0), **kw).images
+    assert (plain - negative).abs().mean() > 1e-3
+
+
+def test_object_mask_of_an_object_at_the_left_edge_starts_at_column_zero():
+    scene = shapes.Scene([shapes.SceneObject("red", "square", "large", "left")])
+    image = shapes.render([scene])
+    x0 = parser.parse_scene(image[0])[0].box[0]
+    assert x0 - 6 < 8                                             # its grown box reaches the first latent column
+    assert editing.object_mask(image)[0, 0, :, 0].any()
