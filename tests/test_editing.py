@@ -536,7 +536,7 @@ def test_inpaint_keeps_a_wide_image_wide_and_reports_its_timesteps(inpaint_pipe,
         editing.inpaint(inpaint_pipe, torch.cat([scene, scene]), mask[..., :128], ["a", "b", "c"])
 
 
-def test_run_sweep_feeds_each_comparison_its_held_out_scenes_and_records_the_run(monkeypatch):
+def test_run_sweep_feeds_each_comparison_its_held_out_scenes_and_records_the_run(monkeypatch, capsys):
     """The sweep driver with its three comparisons replaced by recorders: each gets the scenes, targets,
     masks and step count it should (rebuilt here), and the result's meta has what the committed one has."""
     import datetime
@@ -558,7 +558,11 @@ def test_run_sweep_feeds_each_comparison_its_held_out_scenes_and_records_the_run
     def objects(scenes):
         return [(s.objects, s.bg_seed) for s in scenes]
 
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    assert capsys.readouterr().out == ""                           # the pipelines load quietly
     (text, scenes, targets, strengths), kw = calls["strength_sweep"]
+    assert isinstance(text, StableDiffusionImg2ImgPipeline)
     assert objects(scenes) == objects(editing.sweep_scenes(1)) and len(scenes) == 2      # one and two objects
     assert objects(targets) == objects(editing.edit_targets(scenes, "recolour"))
     assert strengths == editing.SWEEP_STRENGTHS and kw == {"num_inference_steps": 3, "progress": False}
