@@ -18,11 +18,14 @@ import torch
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _caller_stacklevel() -> int:
-    """The `stacklevel` that attributes a warning to the first frame outside this package: the
-    reader's line that called `ldm.sample`, however many package frames (or decorators) lie between."""
+def _caller_stacklevel(skip: tuple[str, ...] = ()) -> int:
+    """The `stacklevel` that attributes a warning to the first frame outside this package (and the
+    directories or files in `skip`): the reader's line that called `ldm.sample`, however many package
+    frames (or decorators) lie between. The outermost frame when every frame is skipped (a module run
+    as a script)."""
+    skip = (_PACKAGE_DIR + os.sep, *skip)
     frame, level = sys._getframe(1), 1                    # level 1: the function that calls warnings.warn
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -158,7 +158,7 @@ def test_bad_images_are_refused_naming_the_parameter():
         defects.corner_smudge(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64), paired="yes")
     with pytest.raises(ValueError, match="parsed must hold one parse per image"):
         defects.edge_fringe(torch.zeros(2, 3, 64, 64), parsed=[[]])
-    with pytest.raises(ValueError, match="band must be an integer >= 1"):
+    with pytest.raises(ValueError, match="band must be a positive integer"):
         defects.edge_fringe(torch.zeros(1, 3, 64, 64), band=0)
     with pytest.raises(ValueError, match="cutoff must be in"):
         defects.background_texture(torch.zeros(1, 3, 64, 64), cutoff=0.7)

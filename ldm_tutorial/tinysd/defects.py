@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..checks import positive_int
 from ..metrics import _check_images, radial_power_spectrum
 from . import parser, shapes
 
@@ -52,12 +53,6 @@ def _parsed(images: torch.Tensor, parsed: list | None, param: str = "parsed") ->
     if len(parsed) != len(images):
         raise ValueError(f"{param} must hold one parse per image ({len(images)}), got {len(parsed)}")
     return parsed
-
-
-def _positive_int(value, param: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{param} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def chroma(images: torch.Tensor) -> np.ndarray:
@@ -95,7 +90,7 @@ def corner_chroma(images: torch.Tensor, size: int = 6, parsed: list | None = Non
     object area, so it is never excluded as an object.
     Returns {region: (B,) float array}, regions as in REGIONS.
     """
-    size = _positive_int(size, "size")
+    size = positive_int(size, "size")
     c = chroma(images)
     _, h, w = c.shape
     if size > min(h, w) // 2:
@@ -183,7 +178,7 @@ def edge_fringe(images: torch.Tensor, parsed: list | None = None, band: int = 4,
         band pixels above `min_chroma`, "objects_fringed": share of objects with at least
         FRINGE_OBJECT_PIXELS fringe pixels, "n_objects", ("error_chroma")}.
     """
-    band = _positive_int(band, "band")
+    band = positive_int(band, "band")
     if not 0 < min_chroma < 1:
         raise ValueError(f"min_chroma must be in (0, 1), got {min_chroma}")
     if not 0 < min_hue_distance <= 0.5:

@@ -20,11 +20,11 @@ visible:
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checks import _caller_stacklevel
 from . import shapes
 
 _ARTICLES = ("a", "an")
@@ -239,7 +239,7 @@ _LIBRARY_DIRS: tuple[str, ...] = ()
 
 
 def _library_dirs() -> tuple[str, ...]:
-    """Where the frames between a reader's call and the warning live (skipped by its stacklevel)."""
+    """Where the frames between a reader's call and the warning live, besides ldm_tutorial itself."""
     global _LIBRARY_DIRS
     if not _LIBRARY_DIRS:
         import contextlib  # noqa: PLC0415
@@ -248,18 +248,9 @@ def _library_dirs() -> tuple[str, ...]:
         import torch  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
-        dirs = [Path(__file__).parents[1]] + [Path(m.__file__).parent for m in (diffusers, torch, transformers)]
+        dirs = [Path(m.__file__).parent for m in (diffusers, torch, transformers)]
         _LIBRARY_DIRS = tuple(str(d) + "/" for d in dirs) + (contextlib.__file__,)
     return _LIBRARY_DIRS
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside ldm_tutorial, diffusers, transformers and torch."""
-    skip = _library_dirs()
-    frame, level = sys._getframe(2), 2     # 1: the function that calls warnings.warn
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level                           # the outermost frame when every frame is the library's
 
 
 def prompt_problem(prompt: str, tokenizer=None) -> str | None:
@@ -304,5 +295,6 @@ def warn_prompts(prompts: str | list[str], tokenizer=None) -> list[str]:
         warned.append(p)
         warnings.warn(f"TinySD cannot read the prompt {p!r} as one of its captions, so the model may not "
                       f"follow it: {problem} (ldm.tinysd.parse_caption(prompt) checks a prompt; this warning "
-                      f"comes once per prompt)", CaptionWarning, stacklevel=_caller_stacklevel())
+                      f"comes once per prompt)", CaptionWarning,
+                      stacklevel=_caller_stacklevel(_library_dirs()))
     return warned
