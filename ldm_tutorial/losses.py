@@ -27,35 +27,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+PERCEPTUAL_KINDS = ("random-vgg", "photo-trained", "lpips")
+
+
+def vgg_trunk(width: int = 32) -> nn.ModuleList:
+    """The three-stage VGG-style trunk every offline `Perceptual` uses (two 3x3 convs per stage)."""
+    chans = [3, width, 2 * width, 4 * width]
+    return nn.ModuleList(nn.Sequential(
+        *([nn.MaxPool2d(2)] if i else []),
+        nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.ReLU(),
+        nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1), nn.ReLU(),
+    ) for i in range(3))
+
+
 class Perceptual(nn.Module):
-    """LPIPS-style distance. kind="random-vgg" (offline substitute) or "lpips" (real, needs weights)."""
+    """LPIPS-style distance on a frozen trunk.
+
+    kind="random-vgg": random He-initialised weights from `seed` (no training at all).
+    kind="photo-trained": the trunk trained here to tell the training photographs apart
+        (`ldm_tutorial.vae_lab.train_perceptual`), shipped for seeds 0 and 1; `width` is read
+        from the weights.
+    kind="lpips": the real LPIPS (VGG16), where the `lpips` package and its weights exist.
+    """
 
     def __init__(self, kind: str = "random-vgg", width: int = 32, seed: int = 0):
         super().__init__()
-        if kind not in ("random-vgg", "lpips"):
-            raise ValueError(f"kind must be 'random-vgg' or 'lpips', got {kind!r}")
-        self.kind = kind
+        if kind not in PERCEPTUAL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, PERCEPTUAL_KINDS))}, "
+                             f"got {kind!r}")
+        self.kind, self.seed = kind, seed
         if kind == "lpips":
             import lpips  # noqa: PLC0415 - optional dependency, fetches VGG weights on first use
 
             self.net = lpips.LPIPS(net="vgg", verbose=False)
+        elif kind == "photo-trained":
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            path = perceptual_weights_path(seed)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"no photo-trained perceptual trunk for seed {seed} ({path}); seeds 0 and 1 "
+                    f"ship, train others with `python -m ldm_tutorial.vae_lab --perceptual {seed}`")
+            state = {k: v.float() for k, v in load_file(str(path)).items()}
+            self.stages = vgg_trunk(state["0.0.weight"].shape[0])
+            self.stages.load_state_dict(state)
         else:
             g = torch.Generator().manual_seed(seed)
-            chans = [3, width, 2 * width, 4 * width]
-            self.stages = nn.ModuleList()
-            for i in range(3):
-                stage = nn.Sequential(
-                    *( [nn.MaxPool2d(2)] if i else [] ),
-                    nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.ReLU(),
-                    nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1), nn.ReLU(),
-                )
+            self.stages = vgg_trunk(width)
+            for stage in self.stages:
                 for m in stage:
                     if isinstance(m, nn.Conv2d):
                         # He initialisation from our own generator: reproducible on any machine
                         fan_in = m.in_channels * 9
                         m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5
                         m.bias.data.zero_()
-                self.stages.append(stage)
         self.requires_grad_(False)
         self.eval()
 
@@ -71,6 +96,13 @@ class Perceptual(nn.Module):
             ny = fy / (fy.norm(dim=1, keepdim=True) + 1e-10)
             total = total + ((nx - ny) ** 2).sum(1).mean((1, 2))
         return total
+
+
+def perceptual_weights_path(seed: int):
+    """Where the photo-trained trunk of `seed` ships."""
+    from .tinysd import WEIGHTS_DIR  # noqa: PLC0415 - the package's weights folder
+
+    return WEIGHTS_DIR / "vae-lab" / "perceptual" / f"trunk-seed{seed}.safetensors"
 
 
 class PatchDiscriminator(nn.Module):

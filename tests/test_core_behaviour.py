@@ -550,7 +550,7 @@ def test_random_feature_perceptual_network_is_the_documented_one():
     with torch.no_grad():
         torch.testing.assert_close(perc(x, y), by_hand(x, y))
         assert not torch.allclose(Perceptual(seed=1)(x, y), perc(x, y))      # the seed is the network
-    with pytest.raises(ValueError, match=r"^kind must be 'random-vgg' or 'lpips', got 'vgg'$"):
+    with pytest.raises(ValueError, match=r"^kind must be one of 'random-vgg', 'photo-trained', 'lpips', got 'vgg'$"):
         Perceptual(kind="vgg")
 
 
