@@ -344,7 +344,8 @@ def train_variant(variant: str | Variant, steps: int, batch: int = 16, lr: float
         # resuming (or extending a finished run to more steps) keeps the warm-up the run started with
         lossf.cfg.disc_start = disc_start = hist["disc_start"]
         hist["steps"] = steps
-    lab_data = lab_data or shared_data(seed) if shared else lab_data or LabData(seed=seed)
+    if lab_data is None:
+        lab_data = shared_data(seed) if shared else LabData(seed=seed)
     last_layer = model.decoder.conv_out.weight
     model.train()
     t0 = time.time()
