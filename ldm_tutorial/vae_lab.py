@@ -59,6 +59,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .arch import count_parameters
 from .losses import PatchDiscriminator, Perceptual, VAELoss, VAELossConfig, perceptual_weights_path, vgg_trunk
 from .metrics import high_freq_ratio, psnr, ssim
 from .runtime import cpu_name
@@ -216,6 +217,11 @@ def shared_data(seed: int = 0) -> LabData:
     normalise over the whole image, so stages fine-tuned on small crops learn small-crop statistics
     (measured: 64x64 fine-tuning lowered the held-out photos' PSNR)."""
     return LabData(seed=seed, photo_frac=1.0, crop=shapes.IMAGE_SIZE)
+
+
+def seen_images(n: int = 8, seed: int = 0) -> torch.Tensor:
+    """n 128x128 crops of the training photographs: what the loss family was fine-tuned on."""
+    return shared_data(seed).batch(n, torch.Generator().manual_seed(seed))
 
 
 def eval_images(n_shapes: int = 8) -> dict[str, torch.Tensor]:
@@ -425,7 +431,10 @@ def _perceptual_batch(photos: list[torch.Tensor], n: int, gen: torch.Generator, 
     return (x * gain + shift).clamp(-1, 1), labels
 
 
-def train_perceptual(seed: int = 0, steps: int = 2000, batch: int = 64, crop: int = 32,
+PERCEPTUAL_STEPS = 3000          # the shipped trunks' run
+
+
+def train_perceptual(seed: int = 0, steps: int = PERCEPTUAL_STEPS, batch: int = 64, crop: int = 32,
                      width: int = PERCEPTUAL_WIDTH, lr: float = 1e-3, progress: bool = True):
     """Train the VGG-style trunk of `Perceptual(kind="photo-trained")`; returns (trunk, history).
 
@@ -468,13 +477,17 @@ def train_perceptual(seed: int = 0, steps: int = 2000, batch: int = 64, crop: in
     return trunk.eval().requires_grad_(False), hist
 
 
-def save_perceptual(trunk, hist: dict, seed: int) -> Path:
-    """Ship a trained trunk (fp16 safetensors) and its training log beside it."""
+def _save_fp16(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))
+
+
+def save_perceptual(trunk, hist: dict, seed: int) -> Path:
+    """Ship a trained trunk (fp16 safetensors) and its training log beside it."""
     path = perceptual_weights_path(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in trunk.state_dict().items()}, str(path))
+    _save_fp16(trunk.state_dict(), path)
     path.with_suffix(".json").write_text(json.dumps(hist, indent=1))
     return path
 
@@ -523,12 +536,9 @@ def _load_shared(name: str, folder: Path):
 
 def save_variant(model, name: str, folder: Path) -> None:
     """Ship a trained variant in float16: a diffusers folder, or only the trained tensors (shared)."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
     folder.mkdir(parents=True, exist_ok=True)
     if _variant(name).base == "shared":
-        save_file({k: v.to(torch.float16).contiguous() for k, v in trained_state(model).items()},
-                  str(folder / TAIL_FILE))
+        _save_fp16(trained_state(model), folder / TAIL_FILE)
     else:
         model.to(torch.float16).save_pretrained(folder)
 
@@ -575,27 +585,27 @@ def report(lab_dir: Path | None = None, cutoff: float = 0.25) -> str:
     lines = ["| variant | photos PSNR | photos SSIM | photos perc. | photos HF ratio | shapes PSNR | shapes SSIM "
              "| shapes perc. | shapes HF ratio | parameters | steps x batch | train seconds | machine |",
              "|" + "---|" * 13]
+
+    def row(title: str, model, rest: list[str]) -> str:
+        m = {k: measure(model, x, perceptual=judge, cutoff=cutoff) for k, x in evals.items()}
+        cells = [f"{m[k]['psnr']:.2f}" if q == "psnr" else f"{m[k][q]:.3f}"
+                 for k in ("photos", "shapes") for q in ("psnr", "ssim", "perceptual", "hf_ratio")]
+        return "| " + " | ".join([title, *cells, *rest]) + " |"
+
     start = shared_model()                         # the loss family's common starting point
-    m = {k: measure(start, x, perceptual=judge, cutoff=cutoff) for k, x in evals.items()}
-    lines.append("| start: TinySD's decoder, not fine-tuned | " + " | ".join(
-        f"{m[k]['psnr']:.2f}" if q == "psnr" else f"{m[k][q]:.3f}"
-        for k in ("photos", "shapes") for q in ("psnr", "ssim", "perceptual", "hf_ratio"))
-        + f" | {sum(p.numel() for p in start.parameters()) / 1e6:.2f}M | - | - | - |")
+    lines.append(row("start: TinySD's decoder, not fine-tuned", start,
+                     [f"{count_parameters(start) / 1e6:.2f}M", "-", "-", "-"]))
     for name, v in VARIANTS.items():
         model, hist = load_variant(name, lab_dir), load_history(name, lab_dir)
-        m = {k: measure(model, x, perceptual=judge, cutoff=cutoff) for k, x in evals.items()}
         extra = ""
         if v.kind == "vq":
             cb = codebook_stats(model, torch.cat(list(evals.values())))
             extra = f" ({cb['used']}/{cb['codes']} codes used, perplexity {cb['perplexity']:.1f})"
-        cells = [f"{v.title}{extra}"] + [f"{m[k]['psnr']:.2f}" if q == "psnr" else f"{m[k][q]:.3f}"
-                                         for k in ("photos", "shapes") for q in ("psnr", "ssim", "perceptual", "hf_ratio")]
-        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+        size = f"{count_parameters(model) / 1e6:.2f}M"
         if v.base == "shared":
             size += f" ({sum(t.numel() for t in trained_state(model).values()) / 1e6:.2f}M trained)"
-        cells += [size, f"{hist['steps']} x {hist['batch']}",
-                  f"{hist['seconds']:.0f}", hist.get("machine", "?")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(row(f"{v.title}{extra}", model, [size, f"{hist['steps']} x {hist['batch']}",
+                                                       f"{hist['seconds']:.0f}", hist.get("machine", "?")]))
     return "\n".join(lines) + "\n"
 
 
@@ -615,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, default=None, help="measure the checkpoints in --out, write a markdown table")
     ap.add_argument("--perceptual", type=int, default=None, metavar="SEED",
                     help="train and ship the photo-trained perceptual trunk of this seed instead")
-    ap.add_argument("--perceptual-steps", type=int, default=3000)
+    ap.add_argument("--perceptual-steps", type=int, default=PERCEPTUAL_STEPS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

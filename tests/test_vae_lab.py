@@ -277,7 +277,7 @@ def test_shipped_loss_terms_buy_high_frequencies_on_held_out_photos(lab):
 def test_shipped_perceptual_terms_win_on_seen_photos_only(lab):
     evals, models, _ = lab
     judge = Perceptual("photo-trained", seed=1)
-    sets = {"seen": vae_lab.shared_data(0).batch(8, torch.Generator().manual_seed(0)),
+    sets = {"seen": vae_lab.seen_images(),
             "held out": evals["photos"]}
     d = {}
     with torch.no_grad():
