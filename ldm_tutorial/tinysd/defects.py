@@ -508,3 +508,37 @@ def corner_dependence(vae, inputs: torch.Tensor, size: int = 4, stage: int | Non
         g[..., ys, xs] = h[..., ys2, xs2]
         out[name] = interior_psnr(_decoder_rest(vae, g, stage))
     return out
+
+
+@torch.no_grad()
+def margin_decode(vae, latents: torch.Tensor, margin: int = 1, corner: str = "top_left") -> torch.Tensor:
+    """`vae.decode(latents).sample`, decoded with a margin of repeated latents and cropped back.
+
+    Pads `margin` latent cells (edge values repeated) on the two sides that meet at `corner`,
+    decodes the larger canvas and crops the margin off again. A decoder that writes its
+    normalisation spike into that corner (`corner_dependence`) then writes it into the margin,
+    which is thrown away. latents: (B, C, h, w) unscaled, as `vae.decode` takes them; margin 0
+    is a plain decode. Costs one more row and column of latents per margin cell to decode.
+    """
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a (B, C, h, w) tensor, got {shape}")
+    channels = getattr(getattr(vae, "config", None), "latent_channels", None)
+    if channels is None or not hasattr(vae, "decode"):
+        raise ValueError(f"vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
+    if latents.shape[1] != channels:
+        raise ValueError(f"latents must have the VAE's {channels} channels, got {latents.shape[1]}")
+    if corner not in CORNERS:
+        raise ValueError(f"corner must be one of {CORNERS}, got {corner!r}")
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"margin must be an int >= 0 (latent cells), got {margin!r}")
+    if margin == 0:
+        return vae.decode(latents).sample
+    top, left = corner.startswith("top"), corner.endswith("left")
+    pad = (margin if left else 0, 0 if left else margin, margin if top else 0, 0 if top else margin)
+    padded = torch.nn.functional.pad(latents, pad, mode="replicate")
+    images = vae.decode(padded).sample
+    f = images.shape[-1] // padded.shape[-1]                        # the VAE's downsampling factor
+    h, w = latents.shape[-2] * f, latents.shape[-1] * f
+    y0, x0 = (margin * f if top else 0), (margin * f if left else 0)
+    return images[..., y0:y0 + h, x0:x0 + w]
