@@ -285,3 +285,21 @@ def test_margin_decode_refuses_bad_settings_naming_the_parameter(shipped_vae):
         defects.margin_decode(shipped_vae, z[0])
     with pytest.raises(ValueError, match="vae must be a diffusers AutoencoderKL"):
         defects.margin_decode(torch.nn.Linear(2, 2), z)
+
+
+def test_margin_study_scores_both_decodes_on_the_same_latents(shipped_vae):
+    """Given latents (here the standard scenes' own, encoded), the study only decodes: the margin
+    rows lose the corner smudge that the plain rows show."""
+    scenes = evaluate.defect_scenes(16)
+    x = shapes.render(scenes)
+    with torch.no_grad():
+        latents = shipped_vae.encode(x).latent_dist.mode() * shipped_vae.config.scaling_factor
+    res = evaluate.margin_study(1, n_per_count=16, latents=latents, log=lambda *_: None)
+    plain, margin = res["rows"]["text-to-image, plain decode"], res["rows"]["text-to-image, margin 1"]
+    assert plain["n"] == margin["n"] == 32
+    assert plain["corner_ratio"] > 3.0 and margin["corner_ratio"] < 1.6
+    assert res["rows"]["VAE round trip, margin 1"]["corner_smudged_share"] < 0.1
+    for decode in ("plain decode", "margin 1"):
+        assert set(res["adherence"][decode]) == {"1_object", "2_object"}
+        assert all(0.5 <= v <= 1.0 for v in res["adherence"][decode].values())
+    assert res["decode_seconds_batch16"]["margin 1"] > 0
