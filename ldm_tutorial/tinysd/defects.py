@@ -21,6 +21,11 @@ objects are above 0.6, which is what the parser uses to find objects.
   a requested colour, or an extra colour), and requested (size, shape) drawn as another shape, e.g.
   small squares parsed as circles or stars.
 * `all_defects`: every metric above for one batch, as one dict of floats (the `evaluate` rows).
+* `corner_dependence`: why the smudge is there. How much the decoder's output far from a corner
+  changes when a small block of its features in that corner is overwritten (a normalisation
+  spike, StyleGAN's "droplet"); takes a VAE, not images.
+* `margin_decode`: a decode that puts the spike's corner outside the picture (a workaround with
+  a measured price in shape fidelity: benchmarks/tinysd.md).
 """
 
 from __future__ import annotations
