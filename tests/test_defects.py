@@ -303,3 +303,12 @@ def test_margin_study_scores_both_decodes_on_the_same_latents(shipped_vae):
         assert set(res["adherence"][decode]) == {"1_object", "2_object"}
         assert all(0.5 <= v <= 1.0 for v in res["adherence"][decode].values())
     assert res["decode_seconds_batch16"]["margin 1"] > 0
+
+
+def test_margin_study_refuses_latents_that_do_not_match_its_prompts():
+    with pytest.raises(ValueError, match="latents must hold one scaled latent per prompt \\(32"):
+        evaluate.margin_study(1, n_per_count=16, latents=torch.zeros(31, 4, 16, 16))
+    with pytest.raises(ValueError, match="margin must be an int >= 1"):
+        evaluate.margin_study(0)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--margin", "1"])

@@ -490,13 +490,19 @@ def margin_study(margin: int = 1, n_per_count: int = 96, latents: torch.Tensor |
 
     from . import defects  # noqa: PLC0415
 
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 1:
+        raise ValueError(f"margin must be an int >= 1 (latent cells), got {margin!r}")
+    gen_scenes = defect_scenes(n_per_count)
+    if latents is not None and (not isinstance(latents, torch.Tensor) or len(latents) != len(gen_scenes)):
+        got = len(latents) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must hold one scaled latent per prompt ({len(gen_scenes)}: n_per_count "
+                         f"{n_per_count} per object count), got {got}")
     pipe = load_pipeline("tiny", verbose=False)
     vae, sf = pipe.vae, pipe.vae.config.scaling_factor
     ref, ref_parsed = defect_reference()
     scenes32 = defect_scenes(32)
     x = shapes.render(scenes32)
     z = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
-    gen_scenes = defect_scenes(n_per_count)
     if latents is None:
         t0 = time.perf_counter()
         latents = generation_latents(pipe, gen_scenes, n_per_count=n_per_count)
@@ -515,8 +521,9 @@ def margin_study(margin: int = 1, n_per_count: int = 96, latents: torch.Tensor |
         rows[f"text-to-image, {tag}"] = defects.all_defects(images, gen_scenes, train_reference=ref,
                                                             train_parsed=ref_parsed)
         ok = [fully_correct(parser.parse_scene(im), sc.objects) for im, sc in zip(images, gen_scenes)]
+        counts = sorted({len(sc.objects) for sc in gen_scenes})     # defect_scenes: n_per_count of each
         adherence[tag] = {f"{k}_object": float(np.mean(ok[j * n_per_count:(j + 1) * n_per_count]))
-                          for j, k in enumerate((1, 2))}
+                          for j, k in enumerate(counts)}
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -638,6 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "with and without this many latent cells of margin at its top-left corner")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)
+    if a.margin is not None and not a.defects:
+        p.error("--margin is for the defect study: add --defects")
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
