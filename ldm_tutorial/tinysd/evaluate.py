@@ -267,6 +267,8 @@ DEFECT_SETTINGS: dict[str, dict] = {   # the diagnosis rows: name -> ldm.sample 
     "guidance 5 (default)": {},
     "guidance 7.5": {"guidance_scale": 7.5},
     "guidance interval t in [200, 700]": {"guidance_interval": (200, 700)},
+    "guidance interval t in [0, 700]": {"guidance_interval": (0, 700)},      # no guidance at high noise
+    "guidance interval t in [200, 1000]": {"guidance_interval": (200, 1000)},  # none at low noise
     "guidance_rescale 0.7": {"guidance_rescale": 0.7},
     "DDIM eta 1": {"eta": 1.0},
     "DPM-Solver++ (25 steps)": {"scheduler": "DPM-Solver++"},
