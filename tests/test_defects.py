@@ -312,3 +312,13 @@ def test_margin_study_refuses_latents_that_do_not_match_its_prompts():
         evaluate.margin_study(0)
     with pytest.raises(SystemExit):
         evaluate.main(["--margin", "1"])
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_the_decoder_run_by_parts_is_diffusers_decode(shipped_vae, stage):
+    """corner_dependence runs the decoder in two parts; together they are diffusers' decode."""
+    z = shipped_vae.encode(shapes.render(shapes.sample_scenes(2, seed=5))).latent_dist.mean
+    with torch.no_grad():
+        parts = defects._decoder_rest(shipped_vae, defects._decoder_features(shipped_vae, z, stage), stage)
+        whole = shipped_vae.decode(z).sample
+    assert torch.allclose(parts, whole, atol=1e-5)
