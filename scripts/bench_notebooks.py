@@ -47,6 +47,12 @@ def run(notebook: Path, timeout: int = 600) -> tuple[float, float, int]:
 
 
 def main(paths: list[str]) -> int:
+    if any(p in ("-h", "--help") for p in paths):
+        print(__doc__)
+        return 0
+    bad = [p for p in paths if not (p.endswith(".ipynb") and Path(p).is_file())]
+    if bad:   # before anything runs: a typo must not overwrite the committed table
+        raise SystemExit(f"notebooks must be paths of existing .ipynb files, got {bad}")
     notebooks = [Path(p) for p in paths] or sorted((ROOT / "book").rglob("*.ipynb"))
     notebooks = [p for p in notebooks if ".ipynb_checkpoints" not in p.parts]
     rows, failed = [], 0

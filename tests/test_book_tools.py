@@ -175,3 +175,13 @@ def test_every_chapter_setup_cell_comes_from_the_template():
 
 def test_interview_bank_is_up_to_date_with_the_chapters():
     assert bank.main(["--check"]) == 0, "run `make sync` (scripts/interview_bank.py)"
+
+
+def test_the_notebook_benchmark_refuses_a_bad_path_before_it_writes_the_table(capsys):
+    bench = _load("bench_notebooks", ROOT / "scripts" / "bench_notebooks.py")
+    table = ROOT / "benchmarks" / "notebooks.md"
+    before = table.read_text()
+    assert bench.main(["--help"]) == 0 and "make bench" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="existing .ipynb files, got \\['nope.ipynb'\\]"):
+        bench.main(["nope.ipynb"])
+    assert table.read_text() == before
