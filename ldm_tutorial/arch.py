@@ -178,6 +178,24 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in unique.values())
 
 
+def decoder_features(vae, latents: torch.Tensor, stage: int) -> torch.Tensor:
+    """An AutoencoderKL decoder's features entering `up_blocks[stage]`: diffusers' Decoder.forward,
+    run up to there (`decoder_rest` runs the rest; together they are `vae.decode(latents).sample`)."""
+    d = vae.decoder
+    h = d.mid_block(d.conv_in(vae.post_quant_conv(latents)))
+    for block in d.up_blocks[:stage]:
+        h = block(h)
+    return h
+
+
+def decoder_rest(vae, h: torch.Tensor, stage: int) -> torch.Tensor:
+    """The decoder from `up_blocks[stage]` on, given `decoder_features(vae, latents, stage)`."""
+    d = vae.decoder
+    for block in d.up_blocks[stage:]:
+        h = block(h)
+    return d.conv_out(d.conv_act(d.conv_norm_out(h)))
+
+
 def forward_flops(module: nn.Module, *args, **kwargs) -> int:
     """Floating-point operations of one forward pass, counted by `torch.utils.flop_counter`.
 

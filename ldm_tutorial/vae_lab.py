@@ -59,7 +59,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .arch import count_parameters
+from .arch import count_parameters, decoder_features, decoder_rest
 from .losses import PatchDiscriminator, Perceptual, VAELoss, VAELossConfig, perceptual_weights_path, vgg_trunk
 from .metrics import high_freq_ratio, psnr, ssim
 from .runtime import cpu_name
@@ -154,15 +154,10 @@ def decode_shared(model, z: torch.Tensor) -> torch.Tensor:
     CPU GroupNorm backward crashes (segfault) when its weight needs a gradient and its input does
     not, which is exactly the first trained stage's position; here its input requires grad.
     """
-    d = model.decoder
+    first = 2                                      # decoder.up_blocks.2: the first trained stage
     with torch.no_grad():
-        h = d.mid_block(d.conv_in(model.post_quant_conv(z)))
-        for block in d.up_blocks[:2]:
-            h = block(h)
-    h = h.requires_grad_(torch.is_grad_enabled())
-    for block in d.up_blocks[2:]:
-        h = block(h)
-    return d.conv_out(d.conv_act(d.conv_norm_out(h)))
+        h = decoder_features(model, z, first)
+    return decoder_rest(model, h.requires_grad_(torch.is_grad_enabled()), first)
 
 
 def new_model(variant: str | Variant, seed: int = 0):

@@ -35,7 +35,8 @@ import torch
 from scipy import ndimage
 
 from ..checks import positive_int
-from ..metrics import _check_images, radial_power_spectrum
+from ..arch import decoder_features, decoder_rest
+from ..metrics import _check_images, psnr, radial_power_spectrum
 from . import parser, shapes
 
 REGIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "top_middle")
@@ -442,22 +443,6 @@ def all_defects(images: torch.Tensor, scenes: list | None = None, inputs: torch.
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 
-def _decoder_features(vae, latents: torch.Tensor, stage: int) -> torch.Tensor:
-    """The decoder's features entering up_blocks[stage] (diffusers' Decoder.forward, run by parts)."""
-    d = vae.decoder
-    h = d.mid_block(d.conv_in(vae.post_quant_conv(latents)))
-    for block in d.up_blocks[:stage]:
-        h = block(h)
-    return h
-
-
-def _decoder_rest(vae, h: torch.Tensor, stage: int) -> torch.Tensor:
-    d = vae.decoder
-    for block in d.up_blocks[stage:]:
-        h = block(h)
-    return d.conv_out(d.conv_act(d.conv_norm_out(h)))
-
-
 @torch.no_grad()
 def corner_dependence(vae, inputs: torch.Tensor, size: int = 4, stage: int | None = None,
                       margin: int | None = None) -> dict:
@@ -465,7 +450,7 @@ def corner_dependence(vae, inputs: torch.Tensor, size: int = 4, stage: int | Non
 
     Encode `inputs` (posterior mean), run the decoder up to `up_blocks[stage]` (default: the last
     stage, at full resolution), overwrite a `size` x `size` block of features in one corner with
-    its diagonal neighbour block, and decode the rest. Score the PSNR (dB, images in [0, 1]) of the
+    its diagonal neighbour block, and decode the rest. Score the PSNR (`metrics.psnr`, dB) of the
     image's interior (`margin` px from every edge, default an eighth of the side) against `inputs`.
     A decoder whose GroupNorm statistics lean on a spike it writes into one corner (StyleGAN2's
     "droplet" artefact, Karras et al. 2020, section 2) loses decibels far from that corner; a
@@ -485,7 +470,7 @@ def corner_dependence(vae, inputs: torch.Tensor, size: int = 4, stage: int | Non
     size = positive_int(size, "size")
     p = next(vae.parameters())
     z = vae.encode(x.to(p.device, p.dtype)).latent_dist.mean
-    h = _decoder_features(vae, z, stage)
+    h = decoder_features(vae, z, stage)
     side = min(h.shape[-2:])
     if 2 * size > side:
         raise ValueError(f"size must be at most half the features' side at stage {stage} ({side // 2}), got {size}")
@@ -494,15 +479,13 @@ def corner_dependence(vae, inputs: torch.Tensor, size: int = 4, stage: int | Non
     if 2 * margin >= min(H, W):
         raise ValueError(f"margin must be under half the image side ({min(H, W) // 2}), got {margin}")
 
+    inner = (..., slice(margin, H - margin), slice(margin, W - margin))
+
     def interior_psnr(out: torch.Tensor) -> float:
-        a = (out.float().cpu().clamp(-1, 1) + 1) / 2
-        b = (x.cpu() + 1) / 2
-        sl = (..., slice(margin, H - margin), slice(margin, W - margin))
-        mse = (a[sl] - b[sl]).pow(2).mean((1, 2, 3)).clamp_min(1e-10)
-        return float((10 * torch.log10(1 / mse)).mean())
+        return float(psnr(out.float().cpu().clamp(-1, 1)[inner], x.cpu()[inner]).mean())
 
     fh, fw = h.shape[-2:]
-    out = {"base": interior_psnr(_decoder_rest(vae, h, stage)), "stage": stage, "size": size, "margin": margin}
+    out = {"base": interior_psnr(decoder_rest(vae, h, stage)), "stage": stage, "size": size, "margin": margin}
     for name in CORNERS:
         top, left = name.startswith("top"), name.endswith("left")
         ys = slice(0, size) if top else slice(fh - size, fh)
@@ -511,7 +494,7 @@ def corner_dependence(vae, inputs: torch.Tensor, size: int = 4, stage: int | Non
         xs2 = slice(size, 2 * size) if left else slice(fw - 2 * size, fw - size)
         g = h.clone()
         g[..., ys, xs] = h[..., ys2, xs2]
-        out[name] = interior_psnr(_decoder_rest(vae, g, stage))
+        out[name] = interior_psnr(decoder_rest(vae, g, stage))
     return out
 
 

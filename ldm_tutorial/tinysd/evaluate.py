@@ -392,7 +392,11 @@ def constant_latent_chroma(vae, n_per_count: int = 32) -> dict:
 
 
 def _adherence_from_latents(vae, latents: torch.Tensor, scenes: list, n_per_count: int) -> dict:
-    images = decode_latents(vae, latents)
+    return _adherence(decode_latents(vae, latents), scenes, n_per_count)
+
+
+def _adherence(images: torch.Tensor, scenes: list, n_per_count: int) -> dict:
+    """{"<k>_object": {"fully_correct", "n"}} for images of defect_scenes (n_per_count per count)."""
     ok = [fully_correct(parser.parse_scene(im), s.objects) for im, s in zip(images, scenes)]
     out = {}
     for j, k in enumerate(sorted({len(s.objects) for s in scenes})):
@@ -522,10 +526,7 @@ def margin_study(margin: int = 1, n_per_count: int = 96, latents: torch.Tensor |
         images = dec(latents / sf, m)
         rows[f"text-to-image, {tag}"] = defects.all_defects(images, gen_scenes, train_reference=ref,
                                                             train_parsed=ref_parsed)
-        ok = [fully_correct(parser.parse_scene(im), sc.objects) for im, sc in zip(images, gen_scenes)]
-        counts = sorted({len(sc.objects) for sc in gen_scenes})     # defect_scenes: n_per_count of each
-        adherence[tag] = {f"{k}_object": float(np.mean(ok[j * n_per_count:(j + 1) * n_per_count]))
-                          for j, k in enumerate(counts)}
+        adherence[tag] = _adherence(images, gen_scenes, n_per_count)
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
