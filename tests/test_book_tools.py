@@ -185,3 +185,31 @@ def test_the_notebook_benchmark_refuses_a_bad_path_before_it_writes_the_table(ca
     with pytest.raises(SystemExit, match="existing .ipynb files, got \\['nope.ipynb'\\]"):
         bench.main(["nope.ipynb"])
     assert table.read_text() == before
+
+
+variants = _load("guidance_variants", ROOT / "scripts" / "guidance_variants.py")
+
+
+def test_guidance_variants_rules_agree_with_cfg_where_they_should():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    eu, ec, x = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    ac = torch.linspace(0.999, 0.01, 1000)
+    cfg = variants.rule({"mode": "cfg"}, ac)(eu, ec, 500, x, True)
+    assert torch.allclose(cfg, eu + 5.0 * (ec - eu))
+    # APG with eta 1 and no momentum is CFG again (diffusers' normalized_guidance, in x0 space)
+    apg1 = variants.rule({"mode": "apg", "eta": 1.0}, ac)(eu, ec, 500, x, True)
+    assert torch.allclose(apg1, cfg, atol=1e-4)
+    apg0 = variants.rule({"mode": "apg", "eta": 0.0}, ac)(eu, ec, 500, x, True)
+    assert (apg0 - cfg).abs().max() > 1e-2
+    # equal scales in both bands are CFG
+    both = variants.rule({"mode": "freq", "w_lo": 5.0, "w_hi": 5.0}, ac)(eu, ec, 500, x, True)
+    assert torch.allclose(both, cfg, atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be"):
+        variants.rule({"mode": "nope"}, ac)(eu, ec, 500, x, True)
+
+
+def test_guidance_variants_refuses_unknown_rows(capsys):
+    with pytest.raises(SystemExit) as e:
+        variants.main(["--rows", "no such row"])
+    assert e.value.code == 2 and "--rows must be among" in capsys.readouterr().err
