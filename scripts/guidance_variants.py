@@ -52,6 +52,8 @@ def rule(cfg: dict, alphas_cumprod: torch.Tensor):
     """A guidance function (eps_u, eps_c, t, latents) -> eps for one row; state resets at each run."""
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance  # noqa: PLC0415
 
+    from ldm_tutorial.guidance import combine, x0_from_eps  # noqa: PLC0415
+
     w, state = cfg.get("w", 5.0), {}
 
     def low(e, k):
@@ -60,13 +62,12 @@ def rule(cfg: dict, alphas_cumprod: torch.Tensor):
     def guide(eu, ec, t, x, first):
         d = ec - eu
         if cfg["mode"] == "cfg":
-            return eu + w * d
+            return combine(eu, ec, w)
         if cfg["mode"] == "apg":
             if first:
                 state["m"] = MomentumBuffer(cfg["momentum"]) if "momentum" in cfg else None
             a = alphas_cumprod[int(t)]
-            x0c, x0u = ((x - (1 - a).sqrt() * e) / a.sqrt() for e in (ec, eu))
-            x0 = normalized_guidance(x0c, x0u, w, state["m"], cfg["eta"])
+            x0 = normalized_guidance(x0_from_eps(x, ec, a), x0_from_eps(x, eu, a), w, state["m"], cfg["eta"])
             return (x - a.sqrt() * x0) / (1 - a).sqrt()
         if cfg["mode"] == "freq":
             lo = low(d, cfg.get("k", 2))
