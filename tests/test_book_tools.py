@@ -213,3 +213,33 @@ def test_guidance_variants_refuses_unknown_rows(capsys):
     with pytest.raises(SystemExit) as e:
         variants.main(["--rows", "no such row"])
     assert e.value.code == 2 and "--rows must be among" in capsys.readouterr().err
+
+
+fnt = _load("fixed_norm_tail", ROOT / "scripts" / "fixed_norm_tail.py")
+
+
+def test_fixed_norm_tail_freezes_groupnorm_exactly_at_one_images_statistics():
+    import torch
+    from ldm_tutorial.arch import decoder_features, decoder_rest
+    from ldm_tutorial.tinysd import load_vae, shapes
+    vae = load_vae()
+    x = shapes.render(shapes.sample_scenes(2, seed=5))
+    with torch.no_grad():
+        h = decoder_features(vae, vae.encode(x).latent_dist.mean, fnt.STAGE)
+        tail = fnt.Tail(vae)
+        assert torch.allclose(tail(h), decoder_rest(vae, h, fnt.STAGE), atol=1e-5)
+        # with the statistics of image 0 alone, the frozen tail is the GroupNorm tail on image 0
+        assert fnt.freeze_norms(tail, h[:1]) == 9
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in tail.modules())
+        ref = decoder_rest(vae, h, fnt.STAGE)
+        out = tail(h)
+    assert torch.allclose(out[:1], ref[:1], atol=1e-3)
+    assert (out[1:] - ref[1:]).abs().max() > 1e-2    # image 1's own statistics differ
+    with pytest.raises(ValueError, match="mean and std must have shape"):
+        fnt.FixedNorm(torch.nn.GroupNorm(4, 8), torch.zeros(4), torch.ones(8))
+
+
+def test_fixed_norm_tail_refuses_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        fnt.main(["--steps", "-1", "--out", "/tmp/never"])
+    assert e.value.code == 2 and "--steps must be >= 0" in capsys.readouterr().err
