@@ -10,11 +10,14 @@ over training scenes (`FixedNorm`), so no position can steer the scale any more.
 starts as the shipped one on average and is fine-tuned on the frozen stages' features (encoder
 and the first two decoder stages frozen, so every U-Net stays valid).
 
-It is a measurement, not a shipped model: diffusers' AutoencoderKL has no decoder without
-GroupNorm, so shipping this would need a decoder class of the package's own.
+diffusers' AutoencoderKL has no decoder without GroupNorm; the package's
+`tinysd.fixed_norm.FixedNormAutoencoderKL` is one, and `--export DIR` writes the fine-tuned tail
+into it as a diffusers folder.
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python scripts/fixed_norm_tail.py --steps 3000 --out runs/fnt
-    (again with --resume to continue; --eval-only scores the last checkpoint with the defect rows)
+    OMP_NUM_THREADS=1 nice .venv/bin/python scripts/fixed_norm_tail.py --steps 2000 --out runs/fnt
+    (again with --resume to continue; --eval-only scores the last checkpoint with the defect rows;
+    --eval-only --tail benchmarks/fixed_norm_tail.safetensors scores the committed 2,000-step tail,
+    and with --export DIR writes it as a FixedNormAutoencoderKL folder)
 """
 from __future__ import annotations
 
@@ -35,28 +38,9 @@ sys.path.insert(0, str(ROOT))
 from ldm_tutorial.arch import decoder_features  # noqa: E402
 from ldm_tutorial.metrics import psnr  # noqa: E402
 from ldm_tutorial.tinysd import data, defects, load_vae, shapes  # noqa: E402
+from ldm_tutorial.tinysd.fixed_norm import FixedNorm  # noqa: E402
 
 STAGE = 2          # the tail starts at up_blocks[2] (vae_lab.TRAINED_PREFIXES)
-
-
-class FixedNorm(nn.Module):
-    """y = scale * x + shift per channel: a GroupNorm with its statistics frozen.
-
-    Built from a GroupNorm and per-channel `mean` and `std` (its group statistics, averaged over
-    training images), it equals that GroupNorm for an input whose statistics are those averages.
-    """
-
-    def __init__(self, gn: nn.GroupNorm, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        if mean.shape != (gn.num_channels,) or std.shape != (gn.num_channels,):
-            raise ValueError(f"mean and std must have shape ({gn.num_channels},), got "
-                             f"{tuple(mean.shape)} and {tuple(std.shape)}")
-        scale = gn.weight.detach() / std
-        self.scale = nn.Parameter(scale.clone())
-        self.shift = nn.Parameter((gn.bias.detach() - scale * mean).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale[:, None, None] + self.shift[:, None, None]
 
 
 def group_stats(gn: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +101,7 @@ def freeze_norms(tail: Tail, feats: torch.Tensor, batch: int = 16) -> int:
     n = len(feats)
     for parent, name, gn in sites:
         m, s = sums[id(gn)]
-        setattr(parent, name, FixedNorm(gn, m / n, s / n))
+        setattr(parent, name, FixedNorm.from_group_norm(gn, m / n, s / n))
     return len(sites)
 
 
@@ -160,7 +144,7 @@ def score(tail: Tail, feats: torch.Tensor, inputs: torch.Tensor, const_feats: to
 
 
 @torch.no_grad()
-def full_eval(tail: Tail, n_per_count: int = 96, log=print) -> dict:
+def full_eval(tail: Tail, n_per_count: int = 96, log=print, label: str = "fixed-norm tail") -> dict:
     """evaluate.margin_study's rows with the tail in place of the margin: the same round trips,
     constant latents and text-to-image latents decoded by the shipped decoder and by `tail`."""
     from ldm_tutorial.models import load_pipeline
@@ -177,7 +161,7 @@ def full_eval(tail: Tail, n_per_count: int = 96, log=print) -> dict:
     latents = ev.generation_latents(pipe, gen_scenes, n_per_count=n_per_count)
     log(f"generation: {time.perf_counter() - t0:.0f} s for {len(gen_scenes)} images")
     decoders = {"shipped decoder": lambda lat: vae.decode(lat).sample,
-                "fixed-norm tail": lambda lat: tail(decoder_features(vae, lat, STAGE))}
+                label: lambda lat: tail(decoder_features(vae, lat, STAGE))}
     rows, adherence = {}, {}
     for tag, d in decoders.items():
         def dec(lat):
@@ -196,6 +180,35 @@ def full_eval(tail: Tail, n_per_count: int = 96, log=print) -> dict:
                                                         "threads": torch.get_num_threads()}}
 
 
+FIXED_NORM_PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.conv_norm_out")
+
+
+@torch.no_grad()
+def export(vae, tail: Tail, folder: Path) -> Path:
+    """Write the shipped VAE with `tail` in place of its decoder tail as a float16 diffusers folder
+    of FixedNormAutoencoderKL, and check that it decodes as `tail` does."""
+    from ldm_tutorial.tinysd.fixed_norm import FixedNormAutoencoderKL
+    from ldm_tutorial.tinysd.train import _save_fp16
+
+    cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    model = FixedNormAutoencoderKL(**cfg, fixed_norm_prefixes=FIXED_NORM_PREFIXES)
+    names = {"blocks.0.": "decoder.up_blocks.2.", "blocks.1.": "decoder.up_blocks.3.",
+             "norm_out.": "decoder.conv_norm_out.", "conv_out.": "decoder.conv_out."}
+    state = {k: v for k, v in vae.state_dict().items()
+             if not k.startswith(tuple(names.values()))}
+    for k, v in tail.state_dict().items():
+        prefix = next(p for p in names if k.startswith(p))
+        state[names[prefix] + k[len(prefix):]] = v
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    z = vae.encode(shapes.render(shapes.sample_scenes(4, seed=3))).latent_dist.mode()
+    err = (model.decode(z).sample - tail.eval()(decoder_features(vae, z, STAGE))).abs().max()
+    if err > 1e-4:
+        raise RuntimeError(f"the exported decoder differs from the tail by {float(err):.2e}")
+    _save_fp16(model, folder)          # as train.py ships every model: float16, no local paths
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3000)
@@ -210,11 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--eval-only", action="store_true",
                     help="score the checkpoint in --out with evaluate's defect rows and adherence")
+    ap.add_argument("--export", type=Path, default=None,
+                    help="--eval-only --norm fixed: also write the VAE with this tail to this folder")
+    ap.add_argument("--tail", type=Path, default=None,
+                    help="--eval-only: load the tail from this safetensors file (float16, as "
+                         "benchmarks/fixed_norm_tail.safetensors) instead of --out/tail.pt")
     ap.add_argument("--n-per-count", type=int, default=96, help="--eval-only: prompts per count")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.steps < 0 or args.batch < 1 or args.eval_every < 1:
         ap.error("--steps must be >= 0, --batch and --eval-every >= 1")
+    if args.export is not None and not (args.eval_only and args.norm == "fixed"):
+        ap.error("--export needs --eval-only --norm fixed")
+    if args.tail is not None and not args.tail.is_file():
+        ap.error(f"--tail {args.tail} is not a file")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         if args.norm == "fixed":
             freeze_norms(tail, train_feats[:256])
-        tail.load_state_dict(torch.load(args.out / "tail.pt")["tail"])
-        res = full_eval(tail, args.n_per_count)
+        if args.tail is not None:
+            from safetensors.torch import load_file
+            tail.load_state_dict({k: v.float() for k, v in load_file(str(args.tail)).items()})
+        else:
+            tail.load_state_dict(torch.load(args.out / "tail.pt")["tail"])
+        if args.export is not None:
+            print(f"exported to {export(vae, tail, args.export)}", flush=True)
+            return 0
+        res = full_eval(tail, args.n_per_count,
+                        label="fixed-norm tail" if args.norm == "fixed" else "GroupNorm control tail")
         (args.out / "full_eval.json").write_text(json.dumps(res, indent=1))
         print("\n".join(res["table"]), "\n", json.dumps(res["adherence"]), flush=True)
         return 0

@@ -236,10 +236,42 @@ def test_fixed_norm_tail_freezes_groupnorm_exactly_at_one_images_statistics():
     assert torch.allclose(out[:1], ref[:1], atol=1e-3)
     assert (out[1:] - ref[1:]).abs().max() > 1e-2    # image 1's own statistics differ
     with pytest.raises(ValueError, match="mean and std must have shape"):
-        fnt.FixedNorm(torch.nn.GroupNorm(4, 8), torch.zeros(4), torch.ones(8))
+        fnt.FixedNorm.from_group_norm(torch.nn.GroupNorm(4, 8), torch.zeros(4), torch.ones(8))
 
 
 def test_fixed_norm_tail_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         fnt.main(["--steps", "-1", "--out", "/tmp/never"])
     assert e.value.code == 2 and "--steps must be >= 0" in capsys.readouterr().err
+
+
+def test_fixed_norm_tail_exports_a_folder_that_decodes_as_the_tail(tmp_path):
+    import torch
+    from ldm_tutorial.arch import decoder_features
+    from ldm_tutorial.tinysd import load_vae, shapes
+    from ldm_tutorial.tinysd.fixed_norm import FixedNormAutoencoderKL
+    vae = load_vae()
+    x = shapes.render(shapes.sample_scenes(3, seed=6))
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        h = decoder_features(vae, z, fnt.STAGE)
+        tail = fnt.Tail(vae)
+        fnt.freeze_norms(tail, h)
+        tail.conv_out.weight.mul_(1.5)             # a tail that differs from the shipped one
+        fnt.export(vae, tail, tmp_path / "vae")
+        again = FixedNormAutoencoderKL.from_pretrained(tmp_path / "vae").float().eval()
+        want = tail(h)
+        got = again.decode(z).sample
+    assert len(again.fixed_norm_names()) == 9
+    assert (got - want).abs().max() < 0.02              # float16 weights
+    assert (got - vae.decode(z).sample).abs().max() > 0.1
+    assert torch.equal(again.encoder.conv_in.weight, vae.encoder.conv_in.weight)  # latents unchanged
+
+
+def test_fixed_norm_tail_export_needs_the_fixed_norms(capsys):
+    with pytest.raises(SystemExit) as e:
+        fnt.main(["--eval-only", "--norm", "group", "--export", "/tmp/never", "--out", "/tmp/never"])
+    assert e.value.code == 2 and "--export needs --eval-only --norm fixed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        fnt.main(["--eval-only", "--tail", "/tmp/no such file", "--out", "/tmp/never"])
+    assert e.value.code == 2 and "is not a file" in capsys.readouterr().err
