@@ -199,6 +199,7 @@ def _load_tiny(task: str, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel  # noqa: PLC0415
 
     from . import tinysd  # noqa: PLC0415
+    from .tinysd import fixed_norm  # noqa: F401, PLC0415 - model_index.json may name its class
     from .tinysd.checked_tokenizer import TinySDTokenizer  # noqa: PLC0415
 
     cls = _pipeline_class(task)

@@ -7,8 +7,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from ldm_tutorial import tinysd
-from ldm_tutorial.tinysd import configs, shapes
-from ldm_tutorial.tinysd.fixed_norm import FixedNorm, FixedNormAutoencoderKL, group_norm_names
+from ldm_tutorial.tinysd import configs, shapes, train
+from ldm_tutorial.tinysd.fixed_norm import (FixedNorm, FixedNormAutoencoderKL, group_norm_names,
+                                            vae_class, vae_index_entry)
 
 PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.conv_norm_out")
 
@@ -109,15 +110,28 @@ def test_saved_folder_round_trips_and_a_plain_autoencoder_load_is_flagged(tmp_pa
 
 def test_pipeline_folder_that_names_the_class_loads_it(tmp_path):
     vae, x, _ = _fixed_norm_vae()
-    folder = tmp_path / "pipe"
+    folder = tmp_path / "tinysd"
     shutil.copytree(tinysd.pipeline_dir("text2img"), folder,
                     ignore=shutil.ignore_patterns("vae"))
     vae.save_pretrained(folder / "vae")
+    train.write_model_index(folder)               # names the class its vae/ folder holds
     index = json.loads((folder / "model_index.json").read_text())
-    index["vae"] = ["ldm_tutorial.tinysd.fixed_norm", "FixedNormAutoencoderKL"]
-    (folder / "model_index.json").write_text(json.dumps(index))
+    assert index["vae"] == ["ldm_tutorial.tinysd.fixed_norm", "FixedNormAutoencoderKL"]
+    assert tinysd.load_vae(weights_dir=tmp_path).fixed_norm_names() == vae.fixed_norm_names()
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert type(pipe.vae) is FixedNormAutoencoderKL
     assert len(pipe.vae.fixed_norm_names()) == 9
     with torch.no_grad():
         assert torch.equal(pipe.vae(x).sample, vae(x).sample)
+
+
+def test_vae_class_reads_the_folder_and_refuses_others(tmp_path):
+    shipped = tinysd.component_dir("vae")
+    assert vae_class(shipped) is AutoencoderKL
+    assert vae_index_entry(shipped) == ["diffusers", "AutoencoderKL"]
+    assert type(tinysd.load_vae()) is AutoencoderKL
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        vae_class(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
+    with pytest.raises(ValueError, match="_class_name must be one of"):
+        vae_class(tmp_path)

@@ -220,13 +220,18 @@ def scaling_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
 
 
 def load_vae(device="cpu", weights_dir: Path | None = None):
-    """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes)."""
+    """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes).
+
+    The class is the one the folder's config.json names: diffusers' AutoencoderKL, or
+    `fixed_norm.FixedNormAutoencoderKL` (its subclass with frozen-statistics norms).
+    """
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
-    from diffusers import AutoencoderKL  # noqa: PLC0415
+    from .fixed_norm import vae_class  # noqa: PLC0415
 
+    path = component_dir("vae", weights_dir)
     with quiet_loading():
-        return AutoencoderKL.from_pretrained(component_dir("vae", weights_dir), **dtype_kwargs(torch.float32)).to(device).eval()
+        return vae_class(path).from_pretrained(path, **dtype_kwargs(torch.float32)).to(device).eval()
 
 
 def load_taesd(device="cpu", weights_dir: Path | None = None):

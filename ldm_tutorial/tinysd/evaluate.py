@@ -409,15 +409,14 @@ def _adherence(images: torch.Tensor, scenes: list, n_per_count: int) -> dict:
 def defect_study(candidate_vae: str | None = None, diagnose: bool = True, adherence: tuple[str, ...] = (),
                  n_per_count: int = 32, n_adherence: int = 96, latents_file: str | None = None, log=print) -> dict:
     """The issue-21 study: defect metrics before (shipped decoder) and, given `candidate_vae` (a
-    diffusers AutoencoderKL folder), after; the diagnosis across DEFECT_SETTINGS; and the standard
+    diffusers AutoencoderKL or FixedNormAutoencoderKL folder), after; the diagnosis across DEFECT_SETTINGS; and the standard
     prompt adherence (n_adherence per count) for the default and for each setting named in
     `adherence`. Generated latents are cached in `latents_file` (a torch file), so a later run with
     a candidate decoder only decodes: the same prompts and noise, by construction.
     """
-    from diffusers import AutoencoderKL  # noqa: PLC0415
-
     from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
     from . import defects  # noqa: PLC0415
+    from .fixed_norm import vae_class  # noqa: PLC0415
 
     cache = torch.load(latents_file) if latents_file and os.path.exists(latents_file) else {}
 
@@ -433,7 +432,7 @@ def defect_study(candidate_vae: str | None = None, diagnose: bool = True, adhere
     pipe = load_pipeline("tiny", verbose=False)
     vaes = {"shipped": pipe.vae}
     if candidate_vae:
-        vaes["candidate"] = AutoencoderKL.from_pretrained(candidate_vae, torch_dtype=torch.float32).eval()
+        vaes["candidate"] = vae_class(candidate_vae).from_pretrained(candidate_vae, torch_dtype=torch.float32).eval()
         ship, cand = pipe.vae.state_dict(), vaes["candidate"].state_dict()
         enc = [k for k in ship if not k.startswith(("decoder.", "post_quant_conv."))]
     taesd = load_taesd()

@@ -17,6 +17,9 @@ A pipeline folder names it in model_index.json as ("ldm_tutorial.tinysd.fixed_no
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 # diffusers' pipeline loader finds a component's load method by looking up the base classes it
@@ -25,7 +28,7 @@ from diffusers import ModelMixin  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-__all__ = ["FixedNorm", "FixedNormAutoencoderKL", "group_norm_names"]
+__all__ = ["FixedNorm", "FixedNormAutoencoderKL", "group_norm_names", "vae_class", "vae_index_entry"]
 
 
 class FixedNorm(nn.Module):
@@ -133,3 +136,24 @@ class FixedNormAutoencoderKL(AutoencoderKL):
 
     def fixed_norm_names(self) -> list[str]:
         return [n for n, m in self.named_modules() if isinstance(m, FixedNorm)]
+
+
+# model_index.json entries ([library, class]) of the autoencoder classes a TinySD folder may hold
+VAE_CLASSES = {"AutoencoderKL": ["diffusers", "AutoencoderKL"],
+               "FixedNormAutoencoderKL": [__name__, "FixedNormAutoencoderKL"]}
+
+
+def vae_index_entry(folder) -> list[str]:
+    """The model_index.json entry of the autoencoder saved in `folder` (from its config.json)."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"folder must hold a diffusers autoencoder (config.json): {cfg} is missing")
+    name = json.loads(cfg.read_text()).get("_class_name")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{cfg}: _class_name must be one of {sorted(VAE_CLASSES)}, got {name!r}")
+    return list(VAE_CLASSES[name])
+
+
+def vae_class(folder) -> type:
+    """AutoencoderKL or FixedNormAutoencoderKL, as the config.json in `folder` names it."""
+    return FixedNormAutoencoderKL if vae_index_entry(folder)[1] == "FixedNormAutoencoderKL" else AutoencoderKL

@@ -773,13 +773,20 @@ def _export_scaling_run(ctx: Ctx, unet, latent_scale: str, unet_preset: str, sf:
 
 
 def write_model_index(folder: Path, inpaint: bool = False) -> None:
-    """model_index.json as diffusers writes it for StableDiffusionPipeline (no safety checker)."""
+    """model_index.json as diffusers writes it for StableDiffusionPipeline (no safety checker).
+
+    The vae entry names the class saved in `folder/vae` (fixed_norm.vae_index_entry), AutoencoderKL
+    when there is none yet.
+    """
+    from .fixed_norm import vae_index_entry  # noqa: PLC0415
+
+    vae = vae_index_entry(folder / "vae") if (folder / "vae" / "config.json").exists() else ["diffusers", "AutoencoderKL"]
     cls = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
     index = {"_class_name": cls, "_diffusers_version": __import__("diffusers").__version__,
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
              "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": vae}
     if inpaint:  # the inpainting folder ships only its U-Net; the rest is shared with tinysd/
         index = {"_class_name": cls, "unet": ["diffusers", "UNet2DConditionModel"], "shared_with": "tinysd"}
     folder.mkdir(parents=True, exist_ok=True)
