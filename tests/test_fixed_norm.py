@@ -135,3 +135,11 @@ def test_vae_class_reads_the_folder_and_refuses_others(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
     with pytest.raises(ValueError, match="_class_name must be one of"):
         vae_class(tmp_path)
+
+
+def test_model_index_of_a_groupnorm_folder_is_the_shipped_one(tmp_path):
+    (tmp_path / "vae").mkdir()
+    shutil.copy(tinysd.component_dir("vae") / "config.json", tmp_path / "vae")
+    train.write_model_index(tmp_path)
+    shipped = json.loads((tinysd.pipeline_dir("text2img") / "model_index.json").read_text())
+    assert json.loads((tmp_path / "model_index.json").read_text()) == shipped

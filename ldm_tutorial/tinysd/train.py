@@ -780,7 +780,8 @@ def write_model_index(folder: Path, inpaint: bool = False) -> None:
     """
     from .fixed_norm import vae_index_entry  # noqa: PLC0415
 
-    vae = vae_index_entry(folder / "vae") if (folder / "vae" / "config.json").exists() else ["diffusers", "AutoencoderKL"]
+    has_vae = (folder / "vae" / "config.json").exists()
+    vae = vae_index_entry(folder / "vae") if has_vae else ["diffusers", "AutoencoderKL"]
     cls = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
     index = {"_class_name": cls, "_diffusers_version": __import__("diffusers").__version__,
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
