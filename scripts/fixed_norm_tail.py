@@ -245,17 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     held = shapes.render(shapes.sample_scenes(64, seed=10002))
     held_feats = features(vae, held)
     const_feats = constant_features(vae, held)
-    t0 = time.time()
-    train_imgs = torch.cat([shapes.render(shapes.sample_scenes(args.n_scenes, seed=1)),
-                            data.random_photo_crops(data.load_photos("train"), args.n_photos,
-                                                    torch.Generator().manual_seed(1))])
-    train_feats = features(vae, train_imgs)
-    print(f"features of {len(train_imgs)} training images in {time.time() - t0:.0f} s", flush=True)
-
     tail = Tail(vae)
     if args.eval_only:
-        if args.norm == "fixed":
-            freeze_norms(tail, train_feats[:256])
+        if args.norm == "fixed":          # the modules only: the checkpoint sets scale and shift
+            freeze_norms(tail, held_feats[:16])
         if args.tail is not None:
             from safetensors.torch import load_file
             tail.load_state_dict({k: v.float() for k, v in load_file(str(args.tail)).items()})
@@ -269,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "full_eval.json").write_text(json.dumps(res, indent=1))
         print("\n".join(res["table"]), "\n", json.dumps(res["adherence"]), flush=True)
         return 0
+    t0 = time.time()
+    train_imgs = torch.cat([shapes.render(shapes.sample_scenes(args.n_scenes, seed=1)),
+                            data.random_photo_crops(data.load_photos("train"), args.n_photos,
+                                                    torch.Generator().manual_seed(1))])
+    train_feats = features(vae, train_imgs)
+    print(f"features of {len(train_imgs)} training images in {time.time() - t0:.0f} s", flush=True)
     log = {"config": {k: str(v) for k, v in vars(args).items()}, "evals": []}
     log["evals"].append({"step": 0, "norm": "group", **score(tail, held_feats, held, const_feats)})
     if args.norm == "fixed":
