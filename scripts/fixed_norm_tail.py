@@ -38,19 +38,9 @@ sys.path.insert(0, str(ROOT))
 from ldm_tutorial.arch import decoder_features  # noqa: E402
 from ldm_tutorial.metrics import psnr  # noqa: E402
 from ldm_tutorial.tinysd import data, defects, load_vae, shapes  # noqa: E402
-from ldm_tutorial.tinysd.fixed_norm import FixedNorm  # noqa: E402
+from ldm_tutorial.tinysd.fixed_norm import FixedNorm, group_stats  # noqa: E402
 
 STAGE = 2          # the tail starts at up_blocks[2] (vae_lab.TRAINED_PREFIXES)
-
-
-def group_stats(gn: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image group mean and std of x as GroupNorm computes them, spread to channels: (B, C) each."""
-    b, c = x.shape[:2]
-    g = x.float().reshape(b, gn.num_groups, -1)
-    mean = g.mean(-1)
-    std = (g.var(-1, unbiased=False) + gn.eps).sqrt()
-    rep = c // gn.num_groups
-    return mean.repeat_interleave(rep, 1), std.repeat_interleave(rep, 1)
 
 
 class Tail(nn.Module):

@@ -9,17 +9,15 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from ldm_tutorial import tinysd
 from ldm_tutorial.tinysd import configs, shapes, train
 from ldm_tutorial.tinysd.fixed_norm import (FixedNorm, FixedNormAutoencoderKL, group_norm_names,
-                                            vae_class, vae_index_entry)
+                                            group_stats, vae_class, vae_index_entry)
 
 PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.conv_norm_out")
 
 
 def _image_stats(gn, x):
-    g = x.reshape(x.shape[0], gn.num_groups, -1)
-    rep = gn.num_channels // gn.num_groups
-    mean = g.mean(-1).repeat_interleave(rep, 1)[0]
-    std = (g.var(-1, unbiased=False) + gn.eps).sqrt().repeat_interleave(rep, 1)[0]
-    return mean, std
+    """group_stats of the first image of x: what FixedNorm freezes to reproduce gn on it."""
+    mean, std = group_stats(gn, x)
+    return mean[0], std[0]
 
 
 def test_fixed_norm_is_the_group_norm_at_its_statistics_and_local():

@@ -409,10 +409,11 @@ def _adherence(images: torch.Tensor, scenes: list, n_per_count: int) -> dict:
 def defect_study(candidate_vae: str | None = None, diagnose: bool = True, adherence: tuple[str, ...] = (),
                  n_per_count: int = 32, n_adherence: int = 96, latents_file: str | None = None, log=print) -> dict:
     """The issue-21 study: defect metrics before (shipped decoder) and, given `candidate_vae` (a
-    diffusers AutoencoderKL or FixedNormAutoencoderKL folder), after; the diagnosis across DEFECT_SETTINGS; and the standard
-    prompt adherence (n_adherence per count) for the default and for each setting named in
-    `adherence`. Generated latents are cached in `latents_file` (a torch file), so a later run with
-    a candidate decoder only decodes: the same prompts and noise, by construction.
+    diffusers AutoencoderKL or FixedNormAutoencoderKL folder), after; the diagnosis across
+    DEFECT_SETTINGS; and the standard prompt adherence (n_adherence per count) for the default and
+    for each setting named in `adherence`. Generated latents are cached in `latents_file` (a torch
+    file), so a later run with a candidate decoder only decodes: the same prompts and noise, by
+    construction.
     """
     from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
     from . import defects  # noqa: PLC0415

@@ -28,14 +28,14 @@ from diffusers import ModelMixin  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-__all__ = ["FixedNorm", "FixedNormAutoencoderKL", "group_norm_names", "vae_class", "vae_index_entry"]
+__all__ = ["FixedNorm", "FixedNormAutoencoderKL", "group_norm_names", "group_stats", "vae_class", "vae_index_entry"]
 
 
 class FixedNorm(nn.Module):
     """y = scale * x + shift per channel: a GroupNorm whose statistics are frozen.
 
     `from_group_norm(gn, mean, std)` builds it from a GroupNorm and per-channel statistics
-    (its group mean and std spread to channels, averaged over training images); it then equals
+    (`group_stats` of its inputs, averaged over training images); it then equals
     `gn` on any input whose statistics are those averages.
     """
 
@@ -71,6 +71,16 @@ class FixedNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}"
+
+
+def group_stats(gn: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image group mean and std of x as GroupNorm computes them, spread to channels: (B, C) each."""
+    b, c = x.shape[:2]
+    g = x.float().reshape(b, gn.num_groups, -1)
+    mean = g.mean(-1)
+    std = (g.var(-1, unbiased=False) + gn.eps).sqrt()
+    rep = c // gn.num_groups
+    return mean.repeat_interleave(rep, 1), std.repeat_interleave(rep, 1)
 
 
 def group_norm_names(model: nn.Module, prefixes=("",)) -> list[str]:
