@@ -63,7 +63,8 @@ from .arch import count_parameters, decoder_features, decoder_rest
 from .losses import PatchDiscriminator, Perceptual, VAELoss, VAELossConfig, perceptual_weights_path, vgg_trunk
 from .metrics import high_freq_ratio, psnr, ssim
 from .runtime import cpu_name
-from .tinysd import WEIGHTS_DIR, data, shapes
+from .tinysd import WEIGHTS_DIR, data, load_vae, shapes
+from .tinysd.fixed_norm import TAIL_PREFIXES
 
 LAB_DIR = WEIGHTS_DIR / "vae-lab"
 CROP = 64                 # training crop size
@@ -103,13 +104,12 @@ CODEBOOK_SIZE = 512
 LOSS_VARIANTS = ("l2", "l1", "l1_p", "full")
 SHIPPED_RUNS = {"shared": (1500, 4), "scratch": (1000, 16)}     # steps, batch of the shipped runs
 
-# The "shared" variants all start from one good decoder, TinySD's, with its encoder frozen, and
+# The "shared" variants all start from one good decoder, TinySD's with its GroupNorm tail
+# (`tinysd.load_vae(groupnorm=True)`), with its encoder frozen, and
 # fine-tune only its last two decoder stages with their own loss (as Stability fine-tuned the SD
 # decoder into sd-vae-ft-EMA and ft-MSE): every variant starts equal, latents never move, and only
 # the fine-tuned tensors ship.
-SHARED_VAE = WEIGHTS_DIR / "tinysd" / "vae"
-TRAINED_PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.conv_norm_out.",
-                    "decoder.conv_out.")
+TRAINED_PREFIXES = TAIL_PREFIXES        # up_blocks 2 and 3, conv_norm_out, conv_out
 TAIL_FILE = "decoder_tail.safetensors"
 SHARED_EMA_DECAY = 0.995          # the shipped shared variants are weight averages over ~200 steps
 
@@ -133,10 +133,9 @@ def model_config(factor: int = 8, width: int = 16) -> dict:
 
 
 def shared_model():
-    """The shared starting autoencoder in float32: frozen except the decoder's last two stages."""
-    from diffusers import AutoencoderKL  # noqa: PLC0415
-
-    model = AutoencoderKL.from_pretrained(SHARED_VAE, torch_dtype=torch.float32)
+    """The shared starting autoencoder in float32: TinySD's VAE with its GroupNorm decoder tail,
+    frozen except the decoder's last two stages."""
+    model = load_vae(groupnorm=True)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TRAINED_PREFIXES))
     return model

@@ -7,22 +7,26 @@ Losses on the output could not remove it (eight fine-tunes). This prototype remo
 mechanism instead: every GroupNorm of the shared tail (`vae_lab.TRAINED_PREFIXES`: up_blocks 2
 and 3, conv_norm_out) becomes a per-channel affine whose statistics are frozen at their average
 over training scenes (`FixedNorm`), so no position can steer the scale any more. The tail then
-starts as the shipped one on average and is fine-tuned on the frozen stages' features (encoder
+starts as the GroupNorm one on average and is fine-tuned on the frozen stages' features (encoder
 and the first two decoder stages frozen, so every U-Net stays valid).
 
 diffusers' AutoencoderKL has no decoder without GroupNorm; the package's
-`tinysd.fixed_norm.FixedNormAutoencoderKL` is one, and `--export DIR` writes the fine-tuned tail
-into it as a diffusers folder.
+`tinysd.fixed_norm.FixedNormAutoencoderKL` is one, and `--export ROOT` writes the fine-tuned tail
+into it as a diffusers folder of a weights root. TinySD ships that export; the script starts
+from the GroupNorm decoder (`tinysd.load_vae(groupnorm=True)`), so it reruns from the shipped
+weights, or from a VAE `python -m ldm_tutorial.tinysd.train` trained.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python scripts/fixed_norm_tail.py --steps 2000 --out runs/fnt
     (again with --resume to continue; --eval-only scores the last checkpoint with the defect rows;
     --eval-only --tail benchmarks/fixed_norm_tail.safetensors scores the committed 2,000-step tail,
-    and with --export DIR writes it as a FixedNormAutoencoderKL folder)
+    and with --export ROOT writes it as ROOT/tinysd/vae, a FixedNormAutoencoderKL folder, beside
+    ROOT/tinysd-vae-groupnorm; --export ldm_tutorial/tinysd/weights is how TinySD's ships)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import sys
 import time
@@ -134,15 +138,16 @@ def score(tail: Tail, feats: torch.Tensor, inputs: torch.Tensor, const_feats: to
 
 
 @torch.no_grad()
-def full_eval(tail: Tail, n_per_count: int = 96, log=print, label: str = "fixed-norm tail") -> dict:
+def full_eval(tail: Tail, vae, n_per_count: int = 96, log=print, label: str = "frozen-norm decoder") -> dict:
     """evaluate.margin_study's rows with the tail in place of the margin: the same round trips,
-    constant latents and text-to-image latents decoded by the shipped decoder and by `tail`."""
+    constant latents and text-to-image latents (the shipped pipeline's) decoded by `vae` (the
+    GroupNorm decoder, `load_vae(groupnorm=True)`) and by `vae` with `tail`."""
     from ldm_tutorial.models import load_pipeline
     from ldm_tutorial.tinysd import evaluate as ev
 
     tail.eval()
-    pipe = load_pipeline("tiny", verbose=False)
-    vae, sf = pipe.vae, pipe.vae.config.scaling_factor
+    pipe = load_pipeline("tiny", verbose=False)          # generates; its U-Net needs no decoder
+    sf = vae.config.scaling_factor
     ref, ref_parsed = ev.defect_reference()
     scenes32, gen_scenes = ev.defect_scenes(32), ev.defect_scenes(n_per_count)
     x = shapes.render(scenes32)
@@ -150,7 +155,7 @@ def full_eval(tail: Tail, n_per_count: int = 96, log=print, label: str = "fixed-
     t0 = time.perf_counter()
     latents = ev.generation_latents(pipe, gen_scenes, n_per_count=n_per_count)
     log(f"generation: {time.perf_counter() - t0:.0f} s for {len(gen_scenes)} images")
-    decoders = {"shipped decoder": lambda lat: vae.decode(lat).sample,
+    decoders = {"GroupNorm decoder": lambda lat: vae.decode(lat).sample,
                 label: lambda lat: tail(decoder_features(vae, lat, STAGE))}
     rows, adherence = {}, {}
     for tag, d in decoders.items():
@@ -174,11 +179,20 @@ FIXED_NORM_PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.
 
 
 @torch.no_grad()
-def export(vae, tail: Tail, folder: Path) -> Path:
-    """Write the shipped VAE with `tail` in place of its decoder tail as a float16 diffusers folder
-    of FixedNormAutoencoderKL, and check that it decodes as `tail` does."""
-    from ldm_tutorial.tinysd.fixed_norm import FixedNormAutoencoderKL
-    from ldm_tutorial.tinysd.train import _save_fp16
+def export(vae, tail: Tail, root: Path) -> Path:
+    """Write TinySD's VAE with `tail` in place of `vae`'s decoder tail into a weights root:
+    root/tinysd/vae, a float16 FixedNormAutoencoderKL folder checked to decode as `tail` does (and
+    root/tinysd/model_index.json naming it), and
+    root/tinysd-vae-groupnorm/decoder_tail.safetensors, `vae`'s own GroupNorm tail (float16),
+    which `tinysd.load_vae(groupnorm=True)` and vae_lab's shared variants start from."""
+    from safetensors.torch import save_file
+    from ldm_tutorial.tinysd import GROUPNORM_TAIL_FILE
+    from ldm_tutorial.tinysd.fixed_norm import TAIL_PREFIXES, FixedNormAutoencoderKL
+    from ldm_tutorial.tinysd.train import _save_fp16, write_model_index
+
+    if type(vae).__name__ != "AutoencoderKL":
+        raise TypeError(f"vae must be the GroupNorm AutoencoderKL the tail was trained on "
+                        f"(load_vae(groupnorm=True)), got {type(vae).__name__}")
 
     cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
     model = FixedNormAutoencoderKL(**cfg, fixed_norm_prefixes=FIXED_NORM_PREFIXES)
@@ -195,8 +209,13 @@ def export(vae, tail: Tail, folder: Path) -> Path:
     err = (model.decode(z).sample - tail.eval()(decoder_features(vae, z, STAGE))).abs().max()
     if err > 1e-4:
         raise RuntimeError(f"the exported decoder differs from the tail by {float(err):.2e}")
-    _save_fp16(model, folder)          # as train.py ships every model: float16, no local paths
-    return folder
+    _save_fp16(model, root / "tinysd" / "vae")   # as train.py ships every model: float16
+    write_model_index(root / "tinysd")             # its vae entry names FixedNormAutoencoderKL
+    gn = root / "tinysd-vae-groupnorm"
+    gn.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()
+               if k.startswith(TAIL_PREFIXES)}, str(gn / GROUPNORM_TAIL_FILE))
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-only", action="store_true",
                     help="score the checkpoint in --out with evaluate's defect rows and adherence")
     ap.add_argument("--export", type=Path, default=None,
-                    help="--eval-only --norm fixed: also write the VAE with this tail to this folder")
+                    help="--eval-only --norm fixed: write the VAE with this tail into this weights "
+                         "root (ROOT/tinysd/vae and ROOT/tinysd-vae-groupnorm)")
     ap.add_argument("--tail", type=Path, default=None,
                     help="--eval-only: load the tail from this safetensors file (float16, as "
                          "benchmarks/fixed_norm_tail.safetensors) instead of --out/tail.pt")
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    vae = load_vae().requires_grad_(False)
+    vae = load_vae(groupnorm=True).requires_grad_(False)     # the GroupNorm decoder it replaces
     held = shapes.render(shapes.sample_scenes(64, seed=10002))
     held_feats = features(vae, held)
     const_feats = constant_features(vae, held)
@@ -247,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.export is not None:
             print(f"exported to {export(vae, tail, args.export)}", flush=True)
             return 0
-        res = full_eval(tail, args.n_per_count,
-                        label="fixed-norm tail" if args.norm == "fixed" else "GroupNorm control tail")
+        res = full_eval(tail, vae, args.n_per_count,
+                        label="frozen-norm decoder" if args.norm == "fixed" else "GroupNorm control tail")
+        res["command"] = "python scripts/fixed_norm_tail.py " + " ".join(argv or sys.argv[1:])
+        res["date"] = str(datetime.date.today())
         (args.out / "full_eval.json").write_text(json.dumps(res, indent=1))
         print("\n".join(res["table"]), "\n", json.dumps(res["adherence"]), flush=True)
         return 0

@@ -222,7 +222,7 @@ def test_fixed_norm_tail_freezes_groupnorm_exactly_at_one_images_statistics():
     import torch
     from ldm_tutorial.arch import decoder_features, decoder_rest
     from ldm_tutorial.tinysd import load_vae, shapes
-    vae = load_vae()
+    vae = load_vae(groupnorm=True)
     x = shapes.render(shapes.sample_scenes(2, seed=5))
     with torch.no_grad():
         h = decoder_features(vae, vae.encode(x).latent_dist.mean, fnt.STAGE)
@@ -246,11 +246,12 @@ def test_fixed_norm_tail_refuses_bad_arguments(capsys):
 
 
 def test_fixed_norm_tail_exports_a_folder_that_decodes_as_the_tail(tmp_path):
+    import json
     import torch
     from ldm_tutorial.arch import decoder_features
     from ldm_tutorial.tinysd import load_vae, shapes
     from ldm_tutorial.tinysd.fixed_norm import FixedNormAutoencoderKL
-    vae = load_vae()
+    vae = load_vae(groupnorm=True)
     x = shapes.render(shapes.sample_scenes(3, seed=6))
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
@@ -258,14 +259,21 @@ def test_fixed_norm_tail_exports_a_folder_that_decodes_as_the_tail(tmp_path):
         tail = fnt.Tail(vae)
         fnt.freeze_norms(tail, h)
         tail.conv_out.weight.mul_(1.5)             # a tail that differs from the shipped one
-        fnt.export(vae, tail, tmp_path / "vae")
-        again = FixedNormAutoencoderKL.from_pretrained(tmp_path / "vae").float().eval()
+        fnt.export(vae, tail, tmp_path)
+        again = FixedNormAutoencoderKL.from_pretrained(tmp_path / "tinysd" / "vae").float().eval()
         want = tail(h)
         got = again.decode(z).sample
+        back = load_vae(weights_dir=tmp_path, groupnorm=True)    # the GroupNorm tail, written beside
+        gn_err = (back.decode(z).sample - vae.decode(z).sample).abs().max()
     assert len(again.fixed_norm_names()) == 9
     assert (got - want).abs().max() < 0.02              # float16 weights
     assert (got - vae.decode(z).sample).abs().max() > 0.1
     assert torch.equal(again.encoder.conv_in.weight, vae.encoder.conv_in.weight)  # latents unchanged
+    assert type(back).__name__ == "AutoencoderKL" and gn_err < 1e-5   # the input ships in float16
+    index = json.loads((tmp_path / "tinysd" / "model_index.json").read_text())
+    assert index["vae"] == ["ldm_tutorial.tinysd.fixed_norm", "FixedNormAutoencoderKL"]
+    with pytest.raises(TypeError, match="GroupNorm AutoencoderKL"):
+        fnt.export(again, tail, tmp_path / "again")
 
 
 def test_fixed_norm_tail_export_needs_the_fixed_norms(capsys):

@@ -210,20 +210,32 @@ def test_the_committed_section_shows_each_rows_numbers_and_sample_size():
 
 # ----------------------------------------------------------------------------- why the corner smudge
 @pytest.fixture(scope="module")
-def shipped_vae():
+def groupnorm_vae():
+    """TinySD's VAE with its GroupNorm decoder tail: the decoder with the corner spike."""
     from ldm_tutorial.tinysd import load_vae
 
-    return load_vae("cpu")
+    return load_vae("cpu", groupnorm=True)
 
 
-def test_the_shipped_decoder_leans_on_its_top_left_corner_features(shipped_vae):
+def test_the_groupnorm_decoder_leans_on_its_top_left_corner_features(groupnorm_vae):
     """Overwriting a 4x4 block of features (0.1% of the map) in the top-left corner, at the
     last stage's input, costs decibels 16 px and more away from it; the other corners cost nothing."""
     x = shapes.render(shapes.sample_scenes(8, seed=10002))
-    res = defects.corner_dependence(shipped_vae, x)
+    res = defects.corner_dependence(groupnorm_vae, x)
     assert res["base"] > 30.0
     assert res["base"] - res["top_left"] > 3.0
     for corner in ("top_right", "bottom_left", "bottom_right"):
+        assert abs(res[corner] - res["base"]) < 0.1
+
+
+def test_the_shipped_frozen_norm_decoder_leans_on_no_corner():
+    """With the tail's statistics frozen, the same probe moves the interior by no corner."""
+    from ldm_tutorial.tinysd import load_vae
+
+    x = shapes.render(shapes.sample_scenes(8, seed=10002))
+    res = defects.corner_dependence(load_vae("cpu"), x)
+    assert res["base"] > 30.0
+    for corner in defects.CORNERS:
         assert abs(res[corner] - res["base"]) < 0.1
 
 
@@ -239,28 +251,28 @@ def test_a_fresh_decoder_does_not_depend_on_any_corner():
         assert abs(res[corner] - res["base"]) < 0.05
 
 
-def test_corner_dependence_refuses_bad_settings_naming_the_parameter(shipped_vae):
+def test_corner_dependence_refuses_bad_settings_naming_the_parameter(groupnorm_vae):
     x = shapes.render(shapes.sample_scenes(1, seed=1))
     with pytest.raises(ValueError, match="stage must be an int in \\[0, 3\\]"):
-        defects.corner_dependence(shipped_vae, x, stage=4)
+        defects.corner_dependence(groupnorm_vae, x, stage=4)
     with pytest.raises(ValueError, match="size must be at most half"):
-        defects.corner_dependence(shipped_vae, x, stage=0, size=9)
+        defects.corner_dependence(groupnorm_vae, x, stage=0, size=9)
     with pytest.raises(ValueError, match="margin must be under half"):
-        defects.corner_dependence(shipped_vae, x, margin=64)
+        defects.corner_dependence(groupnorm_vae, x, margin=64)
     with pytest.raises(ValueError, match="vae must be a diffusers AutoencoderKL"):
         defects.corner_dependence(torch.nn.Linear(2, 2), x)
     with pytest.raises(ValueError, match="inputs must be a"):
-        defects.corner_dependence(shipped_vae, x[0])
+        defects.corner_dependence(groupnorm_vae, x[0])
 
 
-def test_a_margin_at_the_spike_corner_removes_the_smudge_and_keeps_the_interior(shipped_vae):
+def test_a_margin_at_the_spike_corner_removes_the_smudge_and_keeps_the_interior(groupnorm_vae):
     x = shapes.render(shapes.sample_scenes(16, seed=10002))
     with torch.no_grad():
-        z = shipped_vae.encode(x).latent_dist.mean
-        plain = shipped_vae.decode(z).sample.clamp(-1, 1)
-    assert torch.equal(defects.margin_decode(shipped_vae, z, margin=0), shipped_vae.decode(z).sample)
-    fixed = defects.margin_decode(shipped_vae, z).clamp(-1, 1)
-    elsewhere = defects.margin_decode(shipped_vae, z, corner="bottom_right").clamp(-1, 1)
+        z = groupnorm_vae.encode(x).latent_dist.mean
+        plain = groupnorm_vae.decode(z).sample.clamp(-1, 1)
+    assert torch.equal(defects.margin_decode(groupnorm_vae, z, margin=0), groupnorm_vae.decode(z).sample)
+    fixed = defects.margin_decode(groupnorm_vae, z).clamp(-1, 1)
+    elsewhere = defects.margin_decode(groupnorm_vae, z, corner="bottom_right").clamp(-1, 1)
     assert fixed.shape == plain.shape == x.shape
     before = defects.corner_smudge(plain, x, paired=True)
     after = defects.corner_smudge(fixed, x, paired=True)
@@ -273,27 +285,27 @@ def test_a_margin_at_the_spike_corner_removes_the_smudge_and_keeps_the_interior(
     assert psnr(fixed) > psnr(plain) - 1.0
 
 
-def test_margin_decode_refuses_bad_settings_naming_the_parameter(shipped_vae):
+def test_margin_decode_refuses_bad_settings_naming_the_parameter(groupnorm_vae):
     z = torch.zeros(1, 4, 16, 16)
     with pytest.raises(ValueError, match="margin must be an int >= 0"):
-        defects.margin_decode(shipped_vae, z, margin=-1)
+        defects.margin_decode(groupnorm_vae, z, margin=-1)
     with pytest.raises(ValueError, match="corner must be one of"):
-        defects.margin_decode(shipped_vae, z, corner="left")
+        defects.margin_decode(groupnorm_vae, z, corner="left")
     with pytest.raises(ValueError, match="latents must have the VAE's 4 channels"):
-        defects.margin_decode(shipped_vae, torch.zeros(1, 3, 16, 16))
+        defects.margin_decode(groupnorm_vae, torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="latents must be a \\(B, C, h, w\\) tensor"):
-        defects.margin_decode(shipped_vae, z[0])
+        defects.margin_decode(groupnorm_vae, z[0])
     with pytest.raises(ValueError, match="vae must be a diffusers AutoencoderKL"):
         defects.margin_decode(torch.nn.Linear(2, 2), z)
 
 
-def test_margin_study_scores_both_decodes_on_the_same_latents(shipped_vae):
+def test_margin_study_scores_both_decodes_on_the_same_latents(groupnorm_vae):
     """Given latents (here the standard scenes' own, encoded), the study only decodes: the margin
     rows lose the corner smudge that the plain rows show."""
     scenes = evaluate.defect_scenes(16)
     x = shapes.render(scenes)
     with torch.no_grad():
-        latents = shipped_vae.encode(x).latent_dist.mode() * shipped_vae.config.scaling_factor
+        latents = groupnorm_vae.encode(x).latent_dist.mode() * groupnorm_vae.config.scaling_factor
     res = evaluate.margin_study(1, n_per_count=16, latents=latents, log=lambda *_: None)
     plain, margin = res["rows"]["text-to-image, plain decode"], res["rows"]["text-to-image, margin 1"]
     assert plain["n"] == margin["n"] == 32
@@ -315,13 +327,13 @@ def test_margin_study_refuses_latents_that_do_not_match_its_prompts():
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_the_decoder_run_by_parts_is_diffusers_decode(shipped_vae, stage):
+def test_the_decoder_run_by_parts_is_diffusers_decode(groupnorm_vae, stage):
     """corner_dependence runs the decoder in two parts (arch.decoder_features / decoder_rest);
     together they are diffusers' decode."""
     from ldm_tutorial import arch
 
-    z = shipped_vae.encode(shapes.render(shapes.sample_scenes(2, seed=5))).latent_dist.mean
+    z = groupnorm_vae.encode(shapes.render(shapes.sample_scenes(2, seed=5))).latent_dist.mean
     with torch.no_grad():
-        parts = arch.decoder_rest(shipped_vae, arch.decoder_features(shipped_vae, z, stage), stage)
-        whole = shipped_vae.decode(z).sample
+        parts = arch.decoder_rest(groupnorm_vae, arch.decoder_features(groupnorm_vae, z, stage), stage)
+        whole = groupnorm_vae.decode(z).sample
     assert torch.allclose(parts, whole, atol=1e-5)

@@ -7,9 +7,11 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from ldm_tutorial import tinysd
-from ldm_tutorial.tinysd import configs, shapes, train
-from ldm_tutorial.tinysd.fixed_norm import (FixedNorm, FixedNormAutoencoderKL, group_norm_names,
-                                            group_stats, vae_class, vae_index_entry)
+from ldm_tutorial.metrics import psnr
+from ldm_tutorial.tinysd import configs, defects, shapes, train
+from ldm_tutorial.tinysd.fixed_norm import (TAIL_PREFIXES, FixedNorm, FixedNormAutoencoderKL,
+                                            group_norm_names, group_stats, vae_class,
+                                            vae_index_entry, with_group_norm_tail)
 
 PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.conv_norm_out")
 
@@ -63,7 +65,7 @@ def test_autoencoder_replaces_exactly_the_named_group_norms():
 
 def _fixed_norm_vae():
     """TinySD's VAE with its tail norms frozen at one scene's statistics (no training needed)."""
-    src = tinysd.load_vae()
+    src = tinysd.load_vae(groupnorm=True)      # the GroupNorm decoder
     vae = FixedNormAutoencoderKL(**configs.VAE, fixed_norm_prefixes=PREFIXES)
     state = {k: v for k, v in src.state_dict().items() if not k.startswith(PREFIXES)}
     x = shapes.render(shapes.sample_scenes(1, seed=7))
@@ -125,19 +127,59 @@ def test_pipeline_folder_that_names_the_class_loads_it(tmp_path):
 
 def test_vae_class_reads_the_folder_and_refuses_others(tmp_path):
     shipped = tinysd.component_dir("vae")
-    assert vae_class(shipped) is AutoencoderKL
-    assert vae_index_entry(shipped) == ["diffusers", "AutoencoderKL"]
-    assert type(tinysd.load_vae()) is AutoencoderKL
+    assert vae_class(shipped) is FixedNormAutoencoderKL
+    assert vae_index_entry(shipped) == ["ldm_tutorial.tinysd.fixed_norm", "FixedNormAutoencoderKL"]
+    assert type(tinysd.load_vae()) is FixedNormAutoencoderKL
     with pytest.raises(FileNotFoundError, match="config.json"):
         vae_class(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    assert vae_class(tmp_path) is AutoencoderKL
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "VQModel"}))
     with pytest.raises(ValueError, match="_class_name must be one of"):
         vae_class(tmp_path)
 
 
-def test_model_index_of_a_groupnorm_folder_is_the_shipped_one(tmp_path):
+def test_model_index_names_the_vae_class_of_the_folder(tmp_path):
     (tmp_path / "vae").mkdir()
     shutil.copy(tinysd.component_dir("vae") / "config.json", tmp_path / "vae")
     train.write_model_index(tmp_path)
     shipped = json.loads((tinysd.pipeline_dir("text2img") / "model_index.json").read_text())
     assert json.loads((tmp_path / "model_index.json").read_text()) == shipped
+    tinysd.load_vae(groupnorm=True).save_pretrained(tmp_path / "vae")   # a GroupNorm folder
+    train.write_model_index(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert {k: v for k, v in index.items() if k != "vae"} == {
+        k: v for k, v in shipped.items() if k != "vae"}
+
+
+def test_shipped_decoder_has_no_corner_smudge_and_the_groupnorm_tail_has():
+    shipped, gn = tinysd.load_vae(), tinysd.load_vae(groupnorm=True)
+    assert len(shipped.fixed_norm_names()) == 9
+    assert type(gn) is AutoencoderKL and not any(isinstance(m, FixedNorm) for m in gn.modules())
+    x = shapes.render(shapes.sample_scenes(16, seed=21))
+    with torch.no_grad():
+        z = shipped.encode(x).latent_dist.mode()
+        assert torch.equal(z, gn.encode(x).latent_dist.mode())      # one encoder, one latent space
+        fixed = shipped.decode(z).sample.clamp(-1, 1)
+        group = gn.decode(z).sample.clamp(-1, 1)
+    f = defects.corner_smudge(fixed, x, paired=True)
+    g = defects.corner_smudge(group, x, paired=True)
+    assert g["ratio"] > 3 and g["smudged_share"] > 0.4            # measured 4.4x, 10 of 16
+    assert f["ratio"] < 2 and f["smudged_share"] < 0.2            # measured 1.4x, 1 of 16
+    assert psnr(fixed, x).mean() > psnr(group, x).mean()          # and no blurrier
+
+
+def test_with_group_norm_tail_refuses_a_wrong_tail():
+    shipped = tinysd.load_vae()
+    from safetensors.torch import load_file
+    tail = load_file(str(tinysd.component_dir("vae_groupnorm") / tinysd.GROUPNORM_TAIL_FILE))
+    assert all(k.startswith(TAIL_PREFIXES) for k in tail)
+    short = dict(tail)
+    short.pop("decoder.conv_norm_out.weight")
+    with pytest.raises(ValueError, match="missing .*decoder.conv_norm_out.weight"):
+        with_group_norm_tail(shipped, short)
+    with pytest.raises(TypeError, match="vae must be a diffusers AutoencoderKL"):
+        with_group_norm_tail(torch.nn.Linear(2, 2), tail)
+    with pytest.raises(TypeError, match="groupnorm must be True or False"):
+        tinysd.load_vae(groupnorm="yes")

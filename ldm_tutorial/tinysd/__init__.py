@@ -49,12 +49,14 @@ def inpaint_unet_dir() -> Path | None:
 
 
 def component_dir(name: str, weights_dir: Path | None = None) -> Path:
-    """Folder of one component: text_encoder, tokenizer, unet, vae, scheduler, taesd, clip, inpaint_unet.
+    """Folder of one component: text_encoder, tokenizer, unet, vae, scheduler, taesd, clip, inpaint_unet,
+    vae_groupnorm (the GroupNorm decoder tail `load_vae(groupnorm=True)` puts back).
 
     weights_dir: the zoo's root (default: the shipped `weights/`; training passes its `--out`).
     """
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     dirs = {"taesd": root / "tinysd-taesd", "clip": root / "tinyclip",
+            "vae_groupnorm": root / "tinysd-vae-groupnorm",
             "inpaint_unet": root / "tinysd-inpaint" / "unet"}
     for sub in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
         dirs[sub] = root / "tinysd" / sub
@@ -219,19 +221,33 @@ def scaling_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
     return out
 
 
-def load_vae(device="cpu", weights_dir: Path | None = None):
+def load_vae(device="cpu", weights_dir: Path | None = None, groupnorm: bool = False):
     """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes).
 
     The class is the one the folder's config.json names: diffusers' AutoencoderKL, or
-    `fixed_norm.FixedNormAutoencoderKL` (its subclass with frozen-statistics norms).
+    `fixed_norm.FixedNormAutoencoderKL` (its subclass with frozen-statistics norms; TinySD ships
+    this one). groupnorm=True gives the same VAE with a GroupNorm decoder tail instead: a plain
+    AutoencoderKL whose last decoder stages normalise each image by its own statistics, and
+    so paint the corner smudge chapter 9 studies. Encoder and latents are the same in both.
     """
     import torch  # noqa: PLC0415
     from ldm_tutorial.runtime import dtype_kwargs, quiet_loading  # noqa: PLC0415
-    from .fixed_norm import vae_class  # noqa: PLC0415
+    from .fixed_norm import FixedNormAutoencoderKL, vae_class, with_group_norm_tail  # noqa: PLC0415
 
+    if not isinstance(groupnorm, bool):
+        raise TypeError(f"groupnorm must be True or False, got {groupnorm!r}")
     path = component_dir("vae", weights_dir)
     with quiet_loading():
-        return vae_class(path).from_pretrained(path, **dtype_kwargs(torch.float32)).to(device).eval()
+        vae = vae_class(path).from_pretrained(path, **dtype_kwargs(torch.float32)).to(device).eval()
+    if not groupnorm or type(vae) is not FixedNormAutoencoderKL:
+        return vae                       # a GroupNorm folder (train.py writes one) is itself
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    tail = load_file(str(component_dir("vae_groupnorm", weights_dir) / GROUPNORM_TAIL_FILE))
+    return with_group_norm_tail(vae, tail)
+
+
+GROUPNORM_TAIL_FILE = "decoder_tail.safetensors"
 
 
 def load_taesd(device="cpu", weights_dir: Path | None = None):

@@ -28,7 +28,13 @@ from diffusers import ModelMixin  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-__all__ = ["FixedNorm", "FixedNormAutoencoderKL", "group_norm_names", "group_stats", "vae_class", "vae_index_entry"]
+__all__ = ["FixedNorm", "FixedNormAutoencoderKL", "TAIL_PREFIXES", "group_norm_names", "group_stats",
+           "with_group_norm_tail", "vae_class", "vae_index_entry"]
+
+# the decoder's last two stages and its output layers: the tensors a decoder fine-tune trains
+# (vae_lab's shared variants, scripts/fixed_norm_tail.py) while encoder and latents stay fixed
+TAIL_PREFIXES = ("decoder.up_blocks.2.", "decoder.up_blocks.3.", "decoder.conv_norm_out.",
+                 "decoder.conv_out.")
 
 
 class FixedNorm(nn.Module):
@@ -162,6 +168,27 @@ def vae_index_entry(folder) -> list[str]:
     if name not in VAE_CLASSES:
         raise ValueError(f"{cfg}: _class_name must be one of {sorted(VAE_CLASSES)}, got {name!r}")
     return list(VAE_CLASSES[name])
+
+
+def with_group_norm_tail(vae: AutoencoderKL, tail: dict[str, torch.Tensor]) -> AutoencoderKL:
+    """A plain AutoencoderKL (float32, eval): `vae` with the decoder tail in `tail` in place of its own.
+
+    tail: every tensor of a GroupNorm AutoencoderKL under TAIL_PREFIXES (a GroupNorm decoder's
+    last stages, e.g. TinySD's before its norms were frozen). The rest (encoder, latents,
+    earlier decoder stages) is `vae`'s, so both decode the same latents.
+    """
+    if not isinstance(vae, AutoencoderKL):
+        raise TypeError(f"vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
+    cfg = {k: v for k, v in vae.config.items() if not k.startswith("_") and k != "fixed_norm_prefixes"}
+    model = AutoencoderKL(**cfg)
+    want = {k for k in model.state_dict() if k.startswith(TAIL_PREFIXES)}
+    if set(tail) != want:
+        raise ValueError(f"tail must hold exactly the tensors under {TAIL_PREFIXES}: missing "
+                         f"{sorted(want - set(tail))[:3]}, extra {sorted(set(tail) - want)[:3]}")
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith(TAIL_PREFIXES)}
+    state.update(tail)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(vae.device).eval()
 
 
 def vae_class(folder) -> type:

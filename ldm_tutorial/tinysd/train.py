@@ -204,6 +204,19 @@ def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length"
                      return_tensors="pt").input_ids.to(device)
 
 
+def save_clip(model, folder: Path) -> None:
+    """Save the tiny CLIPModel with its image side (vision tower, visual projection) in float16.
+
+    The image side only scores pictures (retrieval, evaluate's CLIP checks), where float16 changes
+    no ranking (benchmarks/tinysd.md); the text tower stays float32 because TinySD's U-Net reads
+    its hidden states. Loaders pass dtype=torch.float32 and get float32 everywhere.
+    """
+    m = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    m.vision_model.to(torch.float16)
+    m.visual_projection.to(torch.float16)
+    m.save_pretrained(folder)
+
+
 def export_text_encoder(ctx: Ctx) -> None:
     """Copy the tiny CLIP's text tower (and tokenizer) into the pipeline folder."""
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
@@ -285,7 +298,7 @@ def train_clip(ctx: Ctx, budget: Budget, batch: int = 256, lr: float = 5e-4, ini
     elapsed = time.time() - budget.start          # training loop only, not setup or export
     progress.close()
     model = model.float().cpu().eval()
-    model.save_pretrained(ctx.out / "tinyclip")
+    save_clip(model, ctx.out / "tinyclip")
     tok.save_pretrained(ctx.out / "tinyclip")
     return {"steps": step, "final_loss": float(loss.item()), "seconds": elapsed}
 
