@@ -1,14 +1,17 @@
 """TinySD: a miniature Stable Diffusion this project trains itself and ships inside the package.
 
 Same component classes as SD (CLIPTextModel + CLIPTokenizer, AutoencoderKL, UNet2DConditionModel,
-DDIMScheduler, AutoencoderTiny), saved in diffusers/transformers folder layout and loaded with
+DDIMScheduler, AutoencoderTiny; the VAE is `fixed_norm.FixedNormAutoencoderKL`, an AutoencoderKL
+whose last decoder stages use frozen norm statistics), saved in diffusers/transformers folder layout and loaded with
 `from_pretrained`, the code path that loads the real SD on a GPU.
 
     weights/tinysd/           StableDiffusionPipeline folder (model_index.json, text_encoder,
                               tokenizer, unet, vae, scheduler)
+    weights/tinysd-vae-groupnorm/  the VAE's GroupNorm decoder tail (`load_vae(groupnorm=True)`)
     weights/tinysd-inpaint/   the 9-channel inpainting U-Net (the rest is shared with tinysd/)
     weights/tinysd-taesd/     AutoencoderTiny preview decoder distilled from the VAE
-    weights/tinyclip/         the whole tiny CLIPModel (text + vision towers) and tokenizer
+    weights/tinyclip/         the whole tiny CLIPModel (text + vision towers; image side in
+                              float16) and tokenizer
     weights/tinysd-scaling/   two small U-Nets trained on scaled and on raw latents (scaling-factor
                               chapter), each with a log.json
     weights/tinysd-conditioning/  small U-Nets conditioned on the pooled text vector only
@@ -221,6 +224,9 @@ def scaling_comparison(pipe=None, weights_dir: Path | None = None) -> dict:
     return out
 
 
+GROUPNORM_TAIL_FILE = "decoder_tail.safetensors"     # in component_dir("vae_groupnorm")
+
+
 def load_vae(device="cpu", weights_dir: Path | None = None, groupnorm: bool = False):
     """TinySD's AutoencoderKL in float32 (weights ship in float16 to halve the bytes).
 
@@ -246,8 +252,6 @@ def load_vae(device="cpu", weights_dir: Path | None = None, groupnorm: bool = Fa
     tail = load_file(str(component_dir("vae_groupnorm", weights_dir) / GROUPNORM_TAIL_FILE))
     return with_group_norm_tail(vae, tail)
 
-
-GROUPNORM_TAIL_FILE = "decoder_tail.safetensors"
 
 
 def load_taesd(device="cpu", weights_dir: Path | None = None):
