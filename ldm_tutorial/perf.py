@@ -706,7 +706,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-ONLY = {"unet_batch": unet_batch_ratio}     # parts `--only` can re-measure on their own
+# parts `--only` can re-measure on their own (vae_tiling: after a decoder change)
+ONLY = {"unet_batch": unet_batch_ratio, "vae_tiling": lambda pipe: vae_tiling(pipe.vae, grid=4)}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
