@@ -373,7 +373,7 @@ def test_cpu_name_reads_the_model_name():
 @pytest.mark.parametrize("call, error, pattern", [
     (lambda t: t.pipeline_dir("video"), ValueError, r"^task must be one of \['text2img', 'img2img', 'inpaint'\], "
                                                     r"got 'video'$"),
-    (lambda t: t.component_dir("decoder"), ValueError, r"^name must be one of \[.*'vae'\], got 'decoder'$"),
+    (lambda t: t.component_dir("decoder"), ValueError, r"^name must be one of \[.*'vae', 'vae_groupnorm'\], got 'decoder'$"),
     (lambda t: t.load_scaling_unet("half"), ValueError, r"^variant must be one of \['scaled', 'unscaled'\], "
                                                         r"got 'half'$"),
     (lambda t: t.component_dir("unet", weights_dir="/nonexistent"), FileNotFoundError,
