@@ -183,3 +183,10 @@ def test_with_group_norm_tail_refuses_a_wrong_tail():
         with_group_norm_tail(torch.nn.Linear(2, 2), tail)
     with pytest.raises(TypeError, match="groupnorm must be True or False"):
         tinysd.load_vae(groupnorm="yes")
+
+
+def test_groupnorm_load_without_the_tail_names_the_missing_file(tmp_path):
+    shutil.copytree(tinysd.component_dir("vae"), tmp_path / "tinysd" / "vae")
+    assert type(tinysd.load_vae(weights_dir=tmp_path)) is FixedNormAutoencoderKL
+    with pytest.raises(FileNotFoundError, match="tinysd-vae-groupnorm.*--export ROOT"):
+        tinysd.load_vae(weights_dir=tmp_path, groupnorm=True)

@@ -2,8 +2,8 @@
 
 Same component classes as SD (CLIPTextModel + CLIPTokenizer, AutoencoderKL, UNet2DConditionModel,
 DDIMScheduler, AutoencoderTiny; the VAE is `fixed_norm.FixedNormAutoencoderKL`, an AutoencoderKL
-whose last decoder stages use frozen norm statistics), saved in diffusers/transformers folder layout and loaded with
-`from_pretrained`, the code path that loads the real SD on a GPU.
+whose last decoder stages use frozen norm statistics), saved in diffusers/transformers folder
+layout and loaded with `from_pretrained`, the code path that loads the real SD on a GPU.
 
     weights/tinysd/           StableDiffusionPipeline folder (model_index.json, text_encoder,
                               tokenizer, unet, vae, scheduler)
@@ -249,9 +249,13 @@ def load_vae(device="cpu", weights_dir: Path | None = None, groupnorm: bool = Fa
         return vae                       # a GroupNorm folder (train.py writes one) is itself
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    tail = load_file(str(component_dir("vae_groupnorm", weights_dir) / GROUPNORM_TAIL_FILE))
-    return with_group_norm_tail(vae, tail)
-
+    root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    tail_path = root / "tinysd-vae-groupnorm" / GROUPNORM_TAIL_FILE
+    if not tail_path.is_file():
+        raise FileNotFoundError(f"groupnorm=True needs the GroupNorm decoder tail at {tail_path}; "
+                                "`python scripts/fixed_norm_tail.py --eval-only --tail FILE "
+                                "--export ROOT` writes it beside the frozen-norm VAE")
+    return with_group_norm_tail(vae, load_file(str(tail_path)))
 
 
 def load_taesd(device="cpu", weights_dir: Path | None = None):
