@@ -66,8 +66,10 @@ def component_dir(name: str, weights_dir: Path | None = None) -> Path:
     if name not in dirs:
         raise ValueError(f"name must be one of {sorted(dirs)}, got {name!r}")
     if not dirs[name].exists():
-        raise FileNotFoundError(f"TinySD component {name!r} is not shipped at {dirs[name]}; "
-                                f"train it with `python -m ldm_tutorial.tinysd.train`")
+        how = ("write it with `python scripts/fixed_norm_tail.py --eval-only --tail FILE "
+               "--export ROOT`" if name == "vae_groupnorm"
+               else "train it with `python -m ldm_tutorial.tinysd.train`")
+        raise FileNotFoundError(f"TinySD component {name!r} is not shipped at {dirs[name]}; {how}")
     return dirs[name]
 
 
@@ -249,13 +251,8 @@ def load_vae(device="cpu", weights_dir: Path | None = None, groupnorm: bool = Fa
         return vae                       # a GroupNorm folder (train.py writes one) is itself
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    tail_path = root / "tinysd-vae-groupnorm" / GROUPNORM_TAIL_FILE
-    if not tail_path.is_file():
-        raise FileNotFoundError(f"groupnorm=True needs the GroupNorm decoder tail at {tail_path}; "
-                                "`python scripts/fixed_norm_tail.py --eval-only --tail FILE "
-                                "--export ROOT` writes it beside the frozen-norm VAE")
-    return with_group_norm_tail(vae, load_file(str(tail_path)))
+    tail = load_file(str(component_dir("vae_groupnorm", weights_dir) / GROUPNORM_TAIL_FILE))
+    return with_group_norm_tail(vae, tail)
 
 
 def load_taesd(device="cpu", weights_dir: Path | None = None):
