@@ -121,6 +121,27 @@ def interval(value, name: str = "guidance_interval") -> tuple[float, float] | No
     return low, high
 
 
+def autoguidance_unet(weak, unet):
+    """None, or a U-Net that can stand beside `unet` as autoguidance's weak model -> it (or None)."""
+    if weak is None:
+        return None
+    config = getattr(weak, "config", None)
+    if config is None or not callable(weak) or not hasattr(weak, "dtype"):
+        raise ValueError(f"autoguidance_unet must be None or a diffusers UNet2DConditionModel, "
+                         f"got {_shown(weak)}")
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
+        if config.get(key) != unet.config.get(key):
+            raise ValueError(f"autoguidance_unet must match the pipeline's U-Net in {key} "
+                             f"({unet.config.get(key)}), got {config.get(key)}")
+    if weak is unet:
+        raise ValueError("autoguidance_unet must be a weaker model than the pipeline's U-Net, "
+                         "got the pipeline's own U-Net (that guidance term would be zero)")
+    if weak.device != unet.device:
+        raise ValueError(f"autoguidance_unet must be on the pipeline's device ({unet.device}), "
+                         f"got {weak.device}")
+    return weak
+
+
 def warn_truncation(tokenizer, prompts_: list[str], name: str = "prompt") -> None:
     """Warn, once per prompt, when a prompt is longer than the text encoder's window.
 

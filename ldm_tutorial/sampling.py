@@ -72,7 +72,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
            guidance_scale: float = 5.0, generator: torch.Generator | list[torch.Generator] | None = None,
            latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
            keep_trajectory: bool = False, eta: float = 0.0, sigmas: list[float] | None = None,
-           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None) -> SampleOutput:
+           guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+           autoguidance_unet=None, autoguidance_scale: float = 2.0) -> SampleOutput:
     """Text to image with classifier-free guidance, written out. Introduced in chapter 0.
 
     Args:
@@ -90,6 +91,14 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
         guidance_interval: (low, high): guide only the steps whose timestep t has low <= t <= high
             (Kynkaanniemi et al., arXiv:2404.07724); the other steps run the U-Net once, on the prompt
             alone (w = 1). None guides every step.
+        autoguidance_unet: a weaker U-Net trained for the same task (same latents, same text encoder),
+            e.g. `ldm.tinysd.load_autoguidance_unet()`. Autoguidance (Karras et al., arXiv:2406.02507)
+            adds (autoguidance_scale - 1) * (eps_text - eps_weak) at every step, eps_weak being the
+            weak model's prediction for the prompt: it pushes away from the weak model's errors
+            rather than from the unconditional prediction. Stacks on CFG (guidance_scale); with
+            guidance_scale <= 1 it is autoguidance alone. None (the default): plain CFG.
+        autoguidance_scale: w_ag >= 1 in that formula (1 switches it off); used only with
+            autoguidance_unet.
     Raises:
         ValueError: a bad argument, named, with what was expected (the checks live in `checks.py`).
     Warns:
@@ -112,6 +121,8 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
         guidance_rescale = checks.finite_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
         guidance_interval = checks.interval(guidance_interval)
         eta = checks.finite_number(eta, "eta", 0.0, 1.0)
+        autoguidance_scale = checks.finite_number(autoguidance_scale, "autoguidance_scale", 1.0, None)
+        weak = checks.autoguidance_unet(autoguidance_unet, pipe.unet)
         generator = checks.generators(generator, len(prompts))
         vsf = pipe.vae_scale_factor
         height, width = checks.image_size(height, width, vsf, pipe.unet.config.sample_size * vsf)
@@ -158,11 +169,19 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
             embeds = prompt_embeds if guide or not do_cfg else prompt_embeds.chunk(2)[1]      # the prompt half
             noise_pred = pipe.unet(latent_model_input, t, encoder_hidden_states=embeds).sample
+            noise_pred_text = noise_pred.chunk(2)[1] if guide else noise_pred
             if guide:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred_uncond = noise_pred.chunk(2)[0]
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
+            if weak is not None and autoguidance_scale != 1.0:    # the weak model, on the prompt
+                text_embeds = prompt_embeds.chunk(2)[1] if do_cfg else prompt_embeds
+                weak_input = latent_model_input.chunk(2)[1] if guide else latent_model_input
+                noise_pred_weak = weak(weak_input.to(weak.dtype), t,
+                                       encoder_hidden_states=text_embeds.to(weak.dtype)).sample
+                noise_pred = noise_pred + (autoguidance_scale - 1) * (noise_pred_text
+                                                                      - noise_pred_weak.to(noise_pred))
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if keep_trajectory:
                 trajectory.append(latents.detach().cpu())

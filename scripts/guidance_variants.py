@@ -16,6 +16,11 @@ ldm.sample's latents. Rules:
               guided with separate scales (the two-band idea of frequency-decoupled guidance).
 * mask:       the update weighted by where the two predictions disagree (smoothed |eps_c - eps_u|,
               1 at its maximum): w_eff = 1 + (w - 1) m.
+* auto ...:   autoguidance (Karras et al., arXiv:2406.02507): a weaker *conditional* model guides
+              the main one, eps_c + (w - 1)(eps_c - eps_u) + (w_ag - 1)(eps_c - eps_weak); w = 1 is
+              autoguidance alone. weak "small" is the scaling chapter's small U-Net (1.0M
+              parameters, 800 steps on the same latents and text encoder); main "control" is
+              the shipped U-Net continued on the CPU, guided by the shipped one as the weak model.
 
 Writes benchmarks/guidance_variants.json and prints a markdown table (benchmarks/tinysd.md,
 "Other guidance rules").
@@ -45,6 +50,16 @@ ROWS = {
     "two bands, low 5 / high 1": {"mode": "freq", "w_lo": 5.0, "w_hi": 1.0},
     "two bands, low 1 / high 5": {"mode": "freq", "w_lo": 1.0, "w_hi": 5.0},
     "masked by disagreement": {"mode": "mask"},
+    "autoguidance, small U-Net, w_ag 2": {"mode": "auto", "weak": "small", "w": 1.0, "w_ag": 2.0},
+    "autoguidance, small U-Net, w_ag 3": {"mode": "auto", "weak": "small", "w": 1.0, "w_ag": 3.0},
+    "cfg 3 + autoguidance small, w_ag 2": {"mode": "auto", "weak": "small", "w": 3.0, "w_ag": 2.0},
+    "cfg 4 + autoguidance small, w_ag 2": {"mode": "auto", "weak": "small", "w": 4.0, "w_ag": 2.0},
+    "cfg 5 + autoguidance small, w_ag 2": {"mode": "auto", "weak": "small", "w": 5.0, "w_ag": 2.0},
+    "cfg 3 + autoguidance small, w_ag 1.5": {"mode": "auto", "weak": "small", "w": 3.0, "w_ag": 1.5},
+    "cfg 4 + autoguidance small, w_ag 1.5": {"mode": "auto", "weak": "small", "w": 4.0, "w_ag": 1.5},
+    "cfg 5, continued U-Net": {"mode": "cfg", "main": "control"},
+    "continued U-Net, autoguided by shipped, w_ag 3": {"mode": "auto", "main": "control",
+                                                     "weak": "shipped", "w": 1.0, "w_ag": 3.0},
 }
 
 
@@ -59,8 +74,10 @@ def rule(cfg: dict, alphas_cumprod: torch.Tensor):
     def low(e, k):
         return F.interpolate(F.avg_pool2d(e, k), scale_factor=k, mode="bilinear")
 
-    def guide(eu, ec, t, x, first):
+    def guide(eu, ec, t, x, first, ew=None):
         d = ec - eu
+        if cfg["mode"] == "auto":
+            return ec + (w - 1) * d + (cfg["w_ag"] - 1) * (ec - ew)
         if cfg["mode"] == "cfg":
             return combine(eu, ec, w)
         if cfg["mode"] == "apg":
@@ -75,20 +92,24 @@ def rule(cfg: dict, alphas_cumprod: torch.Tensor):
         if cfg["mode"] == "mask":
             m = F.avg_pool2d(d.abs().mean(1, keepdim=True), 3, 1, 1, count_include_pad=False)
             return eu + (1 + (w - 1) * m / m.amax((2, 3), keepdim=True).clamp_min(1e-12)) * d
-        raise ValueError(f"mode must be cfg, apg, freq or mask, got {cfg['mode']!r}")
+        raise ValueError(f"mode must be cfg, apg, freq, mask or auto, got {cfg['mode']!r}")
 
     return guide
 
 
 @torch.no_grad()
-def latents_for(pipe, scenes: list, n_per_count: int, guide, batch: int = 16) -> torch.Tensor:
-    """evaluate.generation_latents' prompts and noise, with `guide` as the guidance formula."""
+def latents_for(pipe, scenes: list, n_per_count: int, guide, batch: int = 16,
+                unet=None, weak=None) -> torch.Tensor:
+    """evaluate.generation_latents' prompts and noise, with `guide` as the guidance formula.
+
+    unet replaces the pipeline's U-Net; weak (a U-Net) adds its conditional prediction as `ew`."""
     from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
 
     from ldm_tutorial.sampling import encode_prompt  # noqa: PLC0415
     from ldm_tutorial.tinysd import evaluate as ev, shapes  # noqa: PLC0415
 
-    sch, size, out = pipe.scheduler, pipe.unet.config.sample_size, []
+    unet = unet or pipe.unet
+    sch, size, out = pipe.scheduler, unet.config.sample_size, []
     batch = min(batch, n_per_count)
     for start in tqdm(range(0, len(scenes), batch), desc="generating", mininterval=10):
         chunk = scenes[start:start + batch]
@@ -99,9 +120,11 @@ def latents_for(pipe, scenes: list, n_per_count: int, guide, batch: int = 16) ->
                          encode_prompt(pipe.tokenizer, pipe.text_encoder,
                                        [shapes.describe(s) for s in chunk], "cpu")])
         for i, t in enumerate(sch.timesteps):
-            eu, ec = pipe.unet(sch.scale_model_input(torch.cat([x] * 2), t), t,
-                               encoder_hidden_states=emb).sample.chunk(2)
-            x = sch.step(guide(eu, ec, t, x, i == 0), t, x).prev_sample
+            eu, ec = unet(sch.scale_model_input(torch.cat([x] * 2), t), t,
+                          encoder_hidden_states=emb).sample.chunk(2)
+            ew = None if weak is None else weak(sch.scale_model_input(x, t), t,
+                                                encoder_hidden_states=emb[len(chunk):]).sample
+            x = sch.step(guide(eu, ec, t, x, i == 0, ew), t, x).prev_sample
         out.append(x)
     return torch.cat(out)
 
@@ -110,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-per-count", type=int, default=32)
     p.add_argument("--rows", nargs="*", default=list(ROWS), help=f"any of {list(ROWS)}")
+    p.add_argument("--out", type=Path, default=OUT, help="JSON file to update (default: %(default)s)")
     a = p.parse_args(argv)
     bad = [r for r in a.rows if r not in ROWS]
     if bad or a.n_per_count < 1:
@@ -130,17 +154,24 @@ def main(argv: list[str] | None = None) -> None:
 
     scenes = defect_scenes(a.n_per_count)
     ref, ref_parsed = defect_reference(256)
-    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out = a.out
+    result = json.loads(out.read_text()) if out.exists() else {}
     result.update(n_per_count=a.n_per_count, machine=platform.processor() or platform.machine(),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     rows = result.setdefault("rows", {})
+    from ldm_tutorial.tinysd import load_flow_unet, load_scaling_unet  # noqa: PLC0415
+    unets = {"shipped": lambda: pipe.unet, "control": lambda: load_flow_unet(control=True)[0],
+             "small": lambda: load_scaling_unet("scaled")[0]}
     for name in a.rows:
-        t0 = time.time()
-        images = decode_latents(pipe.vae, latents_for(pipe, scenes, a.n_per_count, rule(ROWS[name], ac)))
+        t0, cfg = time.time(), ROWS[name]
+        main_unet = unets[cfg.get("main", "shipped")]()
+        weak = unets[cfg["weak"]]() if "weak" in cfg else None
+        images = decode_latents(pipe.vae, latents_for(pipe, scenes, a.n_per_count, rule(cfg, ac),
+                                                      unet=main_unet, weak=weak))
         row = defects.all_defects(images, scenes, train_reference=ref, train_parsed=ref_parsed)
         rows[name] = {"rule": ROWS[name], "adherence": _adherence(images, scenes, a.n_per_count),
                       "seconds": round(time.time() - t0, 1), **row}
-        OUT.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
 
 

@@ -193,6 +193,29 @@ def test_generation_latents_reproduce_the_pipeline_call_of_prompt_adherence():
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
 
 
+def test_an_autoguidance_setting_samples_with_the_small_unet_as_the_weak_model():
+    from ldm_tutorial.models import load_pipeline
+    from ldm_tutorial.sampling import sample
+    from ldm_tutorial.tinysd import load_autoguidance_unet
+
+    pipe = load_pipeline("tiny", verbose=False)
+    weak = load_autoguidance_unet(pipe)
+    assert list(weak.config.block_out_channels) == [32, 32, 64] and weak.dtype == pipe.unet.dtype
+    assert sum(p.numel() for p in weak.parameters()) < sum(p.numel() for p in pipe.unet.parameters()) / 4
+    assert load_autoguidance_unet(dtype=torch.float16).dtype == torch.float16
+    scenes = evaluate.defect_scenes(2, counts=(2,))
+    setting = {"num_inference_steps": 3, "guidance_scale": 4.0, "autoguidance": 2.0}
+    lat = evaluate.generation_latents(pipe, scenes, setting, batch=2, n_per_count=2)
+    assert setting == {"num_inference_steps": 3, "guidance_scale": 4.0, "autoguidance": 2.0}  # not consumed
+    ref = sample(pipe, [shapes.describe(s) for s in scenes], num_inference_steps=3, guidance_scale=4.0,
+                 autoguidance_unet=weak, autoguidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(evaluate.DEFECT_SEED)).latents
+    torch.testing.assert_close(lat, ref, atol=1e-5, rtol=0)
+    plain = evaluate.generation_latents(pipe, scenes, {"num_inference_steps": 3, "guidance_scale": 4.0},
+                                        batch=2, n_per_count=2)
+    assert (lat - plain).abs().max() > 1e-2
+
+
 def test_the_committed_section_shows_each_rows_numbers_and_sample_size():
     sc = shapes.sample_scenes(4, seed=10004, n_objects=1)
     ref = shapes.render(shapes.sample_scenes(16, seed=1))

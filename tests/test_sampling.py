@@ -254,3 +254,66 @@ def test_a_batch_of_three_outside_the_guidance_interval_is_each_prompt_alone(pip
     for i, p in enumerate(prompts):
         alone = sample(pipe, p, latents=noise[i:i + 1], **kw).latents
         torch.testing.assert_close(together[i:i + 1], alone, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def weak(pipe):
+    return ldm.tinysd.load_autoguidance_unet(pipe)
+
+
+def _hand_loop(pipe, weak, prompt, noise, steps, w, w_ag):
+    """Autoguidance written out: eps_u + w (eps_c - eps_u) + (w_ag - 1)(eps_c - eps_weak)."""
+    from ldm_tutorial.sampling import encode_prompt
+
+    sch = pipe.scheduler
+    sch.set_timesteps(steps)
+    uncond, text = (encode_prompt(pipe.tokenizer, pipe.text_encoder, [p], "cpu") for p in ("", prompt))
+    x = noise * sch.init_noise_sigma
+    with torch.no_grad():
+        for t in sch.timesteps:
+            eu = pipe.unet(x, t, encoder_hidden_states=uncond).sample
+            ec = pipe.unet(x, t, encoder_hidden_states=text).sample
+            ew = weak(x, t, encoder_hidden_states=text).sample
+            eps = (eu + w * (ec - eu) if w > 1 else ec) + (w_ag - 1) * (ec - ew)
+            x = sch.step(eps, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_autoguidance_is_the_written_out_formula(pipe, weak, w):
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(21))
+    ours = sample(pipe, "a small red circle on the left", latents=noise, num_inference_steps=4,
+                  guidance_scale=w, autoguidance_unet=weak, autoguidance_scale=2.0).latents
+    ref = _hand_loop(pipe, weak, "a small red circle on the left", noise, 4, w, 2.0)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    plain = sample(pipe, "a small red circle on the left", latents=noise, num_inference_steps=4,
+                   guidance_scale=w).latents
+    assert (ours - plain).abs().max() > 1e-2                     # the weak model changed the result
+
+
+def test_autoguidance_scale_one_is_plain_cfg_and_batches_match_single_prompts(pipe, weak):
+    noise = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(22))
+    prompts = ["a red circle", "a green cross", "a blue square"]
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, latents=noise)
+    off = sample(pipe, prompts, autoguidance_unet=weak, autoguidance_scale=1.0, **kw).latents
+    torch.testing.assert_close(off, sample(pipe, prompts, **kw).latents, atol=0, rtol=0)
+    kw["guidance_interval"] = (334, 334)        # the weak model still runs on the unguided steps
+    together = sample(pipe, prompts, autoguidance_unet=weak, **kw).latents
+    for i, p in enumerate(prompts):
+        alone = sample(pipe, p, autoguidance_unet=weak, **{**kw, "latents": noise[i:i + 1]}).latents
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-4, rtol=0)
+
+
+def test_autoguidance_refuses_bad_weak_models_and_scales(pipe, weak):
+    from diffusers import UNet2DConditionModel
+
+    with pytest.raises(ValueError, match="^autoguidance_scale must be a finite number in \\[1.0, None\\]"):
+        sample(pipe, "a red cross", num_inference_steps=1, autoguidance_unet=weak, autoguidance_scale=0.5)
+    with pytest.raises(ValueError, match="^autoguidance_unet must be None or a diffusers"):
+        sample(pipe, "a red cross", num_inference_steps=1, autoguidance_unet="small")
+    with pytest.raises(ValueError, match="^autoguidance_unet must be a weaker model"):
+        sample(pipe, "a red cross", num_inference_steps=1, autoguidance_unet=pipe.unet)
+    other = UNet2DConditionModel.from_config({**weak.config, "cross_attention_dim": 64})
+    with pytest.raises(ValueError, match=r"^autoguidance_unet must match the pipeline's U-Net in "
+                                         r"cross_attention_dim \(128\), got 64"):
+        sample(pipe, "a red cross", num_inference_steps=1, autoguidance_unet=other)

@@ -166,6 +166,26 @@ def load_scaling_unet(variant: str, device="cpu", weights_dir: Path | None = Non
     return unet.to(device).eval(), float(log["decode_scaling_factor"])
 
 
+def load_autoguidance_unet(pipe=None, device=None, weights_dir: Path | None = None, dtype=None):
+    """The weak U-Net that autoguides TinySD: `ldm.sample(pipe, ..., autoguidance_unet=this)`.
+
+    Autoguidance (Karras et al., arXiv:2406.02507) needs a weaker model of the same task: same
+    latents, same text encoder, same objective. The scaling comparison's "scaled" U-Net is one:
+    `configs.UNET_PRESETS["small"]` (1.0M parameters, 800 steps on 4,000 scenes) against the
+    shipped U-Net's 8.8M, trained on the same scaled latents with the same text encoder. So it
+    costs no extra weights. pipe: put it on that pipeline's U-Net's device and dtype (device and
+    dtype override them; the CPU and float32 without either).
+    """
+    import torch  # noqa: PLC0415
+
+    if pipe is not None:
+        device = device if device is not None else pipe.unet.device
+        dtype = dtype if dtype is not None else pipe.unet.dtype
+    unet, _ = load_scaling_unet("scaled", device if device is not None else "cpu", weights_dir,
+                                dtype=dtype or torch.float32)
+    return unet
+
+
 CONDITIONING_ARMS = ("cross", "pooled", "pooled-token")
 
 

@@ -273,6 +273,9 @@ DEFECT_SETTINGS: dict[str, dict] = {   # the diagnosis rows: name -> ldm.sample 
     "DDIM eta 1": {"eta": 1.0},
     "DPM-Solver++ (25 steps)": {"scheduler": "DPM-Solver++"},
     "50 DDIM steps": {"num_inference_steps": 50},
+    # autoguidance (ldm.sample's autoguidance_unet): the small U-Net of load_autoguidance_unet
+    "guidance 3 + autoguidance 2": {"guidance_scale": 3.0, "autoguidance": 2.0},
+    "guidance 4 + autoguidance 2": {"guidance_scale": 4.0, "autoguidance": 2.0},
 }
 
 
@@ -299,7 +302,8 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
     The noise is prompt_adherence's: one CPU generator seeded seed + i for the batch starting at
     the i-th prompt of each count (n_per_count prompts per count), so the first images of each count
     are the standard evaluation's. setting: ldm.sample keyword arguments, plus "scheduler" (a name
-    for `ldm_tutorial.perf.make_scheduler`); 25 steps and guidance 5 unless it says otherwise.
+    for `ldm_tutorial.perf.make_scheduler`) and "autoguidance" (an autoguidance_scale, with
+    `load_autoguidance_unet` as the weak model); 25 steps and guidance 5 unless it says otherwise.
     Decoding them with any VAE (`decode_latents`) is the same generation with that decoder.
     """
     from ldm_tutorial.perf import with_scheduler  # noqa: PLC0415
@@ -308,6 +312,11 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
     setting = dict(setting or {})
     if "scheduler" in setting:
         pipe = with_scheduler(pipe, setting.pop("scheduler"))
+    if "autoguidance" in setting:
+        from . import load_autoguidance_unet  # noqa: PLC0415
+
+        setting.update(autoguidance_scale=setting.pop("autoguidance"),
+                       autoguidance_unet=load_autoguidance_unet(pipe))
     kw = {"num_inference_steps": 25, "guidance_scale": 5.0, **setting}
     n_per_count = n_per_count or len(scenes)
     out = []
