@@ -354,14 +354,18 @@ def set_attention(unet: nn.Module, kind: str) -> None:
 # ----------------------------------------------------------------------------- 4. schedulers, previews
 def make_scheduler(pipe, name: str):
     """A diffusers scheduler built `from_config(pipe.scheduler.config)`: "DDIM", "DPM-Solver++"
-    (DPMSolverMultistepScheduler, its default algorithm_type dpmsolver++), "Euler" or "UniPC"."""
+    (DPMSolverMultistepScheduler, its default algorithm_type dpmsolver++), "Euler" or "UniPC";
+    "DDIM trailing" is DDIM with timestep_spacing="trailing" (its first step at t = 999, not 961
+    for 25 steps: Lin et al., arXiv:2305.08891, section 3.3)."""
     import diffusers  # noqa: PLC0415
 
     classes = {"DDIM": "DDIMScheduler", "DPM-Solver++": "DPMSolverMultistepScheduler",
-               "Euler": "EulerDiscreteScheduler", "UniPC": "UniPCMultistepScheduler"}
+               "Euler": "EulerDiscreteScheduler", "UniPC": "UniPCMultistepScheduler",
+               "DDIM trailing": "DDIMScheduler"}
     if name not in classes:
         raise ValueError(f"name must be one of {list(classes)}, got {name!r}")
-    return getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
+    extra = {"timestep_spacing": "trailing"} if name == "DDIM trailing" else {}
+    return getattr(diffusers, classes[name]).from_config(pipe.scheduler.config, **extra)
 
 
 def with_scheduler(pipe, name: str):

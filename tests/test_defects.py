@@ -108,6 +108,18 @@ def test_background_report_against_training_scenes():
     rep = defects.background_report(flat, ref)
     assert rep["std_ratio"] < 0.01 and rep["kinds"]["flat"] == 1.0
     assert 0.1 < rep["reference_kinds"]["stripes"] < 0.5
+    assert rep["colour_spread"] == pytest.approx(0.0, abs=1e-6) and rep["reference_colour_spread"] > 0.1
+
+
+def test_colour_spread_is_the_std_of_the_background_means_across_images():
+    """Two flat backgrounds, grey 0.3 and grey 0.7 ([0, 1]): means 0.3 and 0.7, std 0.2 in every channel."""
+    x = torch.cat([torch.full((1, 3, 64, 64), v) for v in (0.3, 0.7)]) * 2 - 1
+    tex = defects.background_texture(x, parsed=[[], []])
+    np.testing.assert_allclose(tex["mean_rgb"], [[0.3] * 3, [0.7] * 3], atol=1e-4)
+    x[1, 0] = 1.0                                    # the second background turns pink: red 0.7 -> 1.0
+    rep = defects.background_report(x, x[:1], parsed=[[], []], reference_parsed=[[]])
+    assert rep["colour_spread"] == pytest.approx((0.35 + 0.2 + 0.2) / 3, abs=1e-4)
+    assert rep["reference_colour_spread"] == 0.0 and rep["colour_spread_ratio"] > 1e6
 
 
 # ----------------------------------------------------------------------------- extra objects, shapes

@@ -141,6 +141,9 @@ def test_schedulers_are_built_from_the_pipeline_config(pipe):
         assert isinstance(other.scheduler, cls) and other.unet is pipe.unet
         torch.testing.assert_close(other.scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
     assert perf.make_scheduler(pipe, "DPM-Solver++").config.algorithm_type == "dpmsolver++"
+    trailing = perf.make_scheduler(pipe, "DDIM trailing")
+    trailing.set_timesteps(25)
+    assert trailing.timesteps[0] == 999 and pipe.scheduler.config.timestep_spacing == "leading"
     assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)           # the original is untouched
 
 

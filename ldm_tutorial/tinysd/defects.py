@@ -289,23 +289,31 @@ def background_texture(images: torch.Tensor, parsed: list | None = None, cutoff:
         "noise" (fine grain: a 3x3 high-pass keeps >= GRAIN of the std left after the plane),
         "stripes" (the smoothed gradients share one direction: structure-tensor coherence >=
         STRIPE_COHERENCE), else "other" (e.g. soft blotches, which no training background has).
+    mean_rgb: the background's mean colour, (B, 3) in [0, 1] (how bright and which colour it is).
     Returns {"std", "high_freq_share", "plane_r2", "peak_share", "grain", "coherence": (B,) arrays,
-    "kind": list of str}.
+    "mean_rgb": a (B, 3) array, "kind": list of str}.
     """
     if not 0 < cutoff < 0.5:
         raise ValueError(f"cutoff must be in (0, 0.5) cycles per pixel, got {cutoff}")
     rgb = _images(images)
     parsed = _parsed(images, parsed)
     luma = rgb @ LUMA
-    rows = []
+    rows, means = [], []
     for i, objs in enumerate(parsed):
         bg = ~object_mask(objs, luma.shape[1:])
         if bg.sum() < 16:
             bg = np.ones_like(bg)
         rows.append(_background_features(luma[i].astype(np.float64), bg, cutoff))
+        means.append(rgb[i][bg].mean(0))
     out = {k: np.array([r[k] for r in rows]) for k in ("std", "high_freq_share", "plane_r2", "peak_share", "grain", "coherence")}
+    out["mean_rgb"] = np.array(means, dtype=np.float64)
     out["kind"] = [r["kind"] for r in rows]
     return out
+
+
+def _colour_spread(texture: dict) -> float:
+    """Std across images of the background's mean colour, averaged over R, G and B."""
+    return float(texture["mean_rgb"].std(0).mean()) if len(texture["mean_rgb"]) > 1 else 0.0
 
 
 def background_report(images: torch.Tensor, reference: torch.Tensor, parsed: list | None = None,
@@ -314,7 +322,10 @@ def background_report(images: torch.Tensor, reference: torch.Tensor, parsed: lis
     """`background_texture` of images against a reference batch (rendered training scenes).
 
     Returns the mean background std of each and their ratio, the mean high-frequency share of each
-    and their ratio, and the share of each background kind in each ("kinds", "reference_kinds").
+    and their ratio, the share of each background kind in each ("kinds", "reference_kinds"), and
+    how much the backgrounds differ from image to image: "colour_spread", the std across images of
+    the background's mean colour (averaged over R, G, B), its reference value and their ratio
+    (a batch whose backgrounds are all the same grey scores near 0 however textured they are).
     """
     a = background_texture(images, parsed, cutoff)
     # reference_texture: background_texture(reference, ...) computed once for many batches
@@ -324,6 +335,8 @@ def background_report(images: torch.Tensor, reference: torch.Tensor, parsed: lis
             "high_freq_share": float(np.mean(a["high_freq_share"])),
             "reference_high_freq_share": float(np.mean(r["high_freq_share"])),
             "high_freq_ratio": float(np.mean(a["high_freq_share"]) / max(np.mean(r["high_freq_share"]), 1e-9)),
+            "colour_spread": _colour_spread(a), "reference_colour_spread": _colour_spread(r),
+            "colour_spread_ratio": _colour_spread(a) / max(_colour_spread(r), 1e-9),
             "kinds": {k: a["kind"].count(k) / len(a["kind"]) for k in BACKGROUND_CLASSES},
             "reference_kinds": {k: r["kind"].count(k) / len(r["kind"]) for k in BACKGROUND_CLASSES},
             "n": len(a["std"]), "n_reference": len(r["std"])}
@@ -426,6 +439,7 @@ def all_defects(images: torch.Tensor, scenes: list | None = None, inputs: torch.
     bg = background_report(images, train_reference, parsed, train_parsed, reference_texture=_TRAIN_TEXTURE["value"])
     row.update({"bg_std": bg["std"], "bg_std_ratio": bg["std_ratio"], "bg_high_freq_share": bg["high_freq_share"],
                 "bg_high_freq_ratio": bg["high_freq_ratio"], "bg_reference_std": bg["reference_std"],
+                "bg_colour_spread": bg["colour_spread"], "bg_colour_spread_ratio": bg["colour_spread_ratio"],
                 **{f"bg_{k}": v for k, v in bg["kinds"].items()}})
     if scenes is not None:
         oc = object_count_defects(parsed, scenes)

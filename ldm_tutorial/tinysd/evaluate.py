@@ -273,6 +273,7 @@ DEFECT_SETTINGS: dict[str, dict] = {   # the diagnosis rows: name -> ldm.sample 
     "DDIM eta 1": {"eta": 1.0},
     "DPM-Solver++ (25 steps)": {"scheduler": "DPM-Solver++"},
     "50 DDIM steps": {"num_inference_steps": 50},
+    "DDIM, trailing timesteps": {"scheduler": "DDIM trailing"},   # starts at t = 999, not 961
     # autoguidance (ldm.sample's autoguidance_unet): the small U-Net of load_autoguidance_unet
     "guidance 3 + autoguidance 2": {"guidance_scale": 3.0, "autoguidance": 2.0},
     "guidance 4 + autoguidance 2": {"guidance_scale": 4.0, "autoguidance": 2.0},
