@@ -12,8 +12,7 @@ repository's files are absent, reads the same figures as CI.
     ldm.results.load("latent_space")      # written by python -m ldm_tutorial.inversion --sweep
     ldm.results.load("production")        # written by python -m ldm_tutorial.perf --measure
     ldm.results.load("tinysd_autoguidance")   # python -m ldm_tutorial.tinysd.evaluate --defects
-                                              #   --adherence-settings "guidance 3 + autoguidance 2;
-                                              #   guidance 4 + autoguidance 2" --threads 2 --out ...
+                                              #   --adherence-settings "..." (README) --out ...
 """
 from __future__ import annotations
 
