@@ -161,6 +161,7 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
 
         # 5. Denoising loop
         trajectory = []
+        text_embeds = prompt_embeds.chunk(2)[1] if do_cfg else prompt_embeds                  # (B, 77, D)
         for t in scheduler.timesteps:
             guide = do_cfg and (guidance_interval is None
                                 or guidance_interval[0] <= float(t) <= guidance_interval[1])
@@ -176,7 +177,6 @@ def sample(pipe, prompt: str | list[str], negative_prompt: str | list[str] | Non
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
             if weak is not None and autoguidance_scale != 1.0:    # the weak model, on the prompt
-                text_embeds = prompt_embeds.chunk(2)[1] if do_cfg else prompt_embeds
                 weak_input = latent_model_input.chunk(2)[1] if guide else latent_model_input
                 noise_pred_weak = weak(weak_input.to(weak.dtype), t,
                                        encoder_hidden_states=text_embeds.to(weak.dtype)).sample

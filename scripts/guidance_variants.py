@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -141,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     from ldm_tutorial.models import load_pipeline  # noqa: PLC0415
     from ldm_tutorial.tinysd import defects  # noqa: PLC0415
+    from ldm_tutorial.runtime import cpu_name  # noqa: PLC0415
     from ldm_tutorial.tinysd.evaluate import (_adherence, decode_latents, defect_reference,  # noqa: PLC0415
                                               defect_scenes, generation_latents)
 
@@ -156,16 +156,23 @@ def main(argv: list[str] | None = None) -> None:
     ref, ref_parsed = defect_reference(256)
     out = a.out
     result = json.loads(out.read_text()) if out.exists() else {}
-    result.update(n_per_count=a.n_per_count, machine=platform.processor() or platform.machine(),
+    result.update(n_per_count=a.n_per_count, machine=cpu_name(),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     rows = result.setdefault("rows", {})
-    from ldm_tutorial.tinysd import load_flow_unet, load_scaling_unet  # noqa: PLC0415
-    unets = {"shipped": lambda: pipe.unet, "control": lambda: load_flow_unet(control=True)[0],
-             "small": lambda: load_scaling_unet("scaled")[0]}
+    from ldm_tutorial.tinysd import load_autoguidance_unet, load_flow_unet  # noqa: PLC0415
+    loaders = {"shipped": lambda: pipe.unet, "control": lambda: load_flow_unet(control=True)[0],
+               "small": lambda: load_autoguidance_unet(pipe)}
+    unets: dict = {}                                   # each U-Net loaded once, when a row needs it
+
+    def unet_named(key):
+        if key not in unets:
+            unets[key] = loaders[key]()
+        return unets[key]
+
     for name in a.rows:
         t0, cfg = time.time(), ROWS[name]
-        main_unet = unets[cfg.get("main", "shipped")]()
-        weak = unets[cfg["weak"]]() if "weak" in cfg else None
+        main_unet = unet_named(cfg.get("main", "shipped"))
+        weak = unet_named(cfg["weak"]) if "weak" in cfg else None
         images = decode_latents(pipe.vae, latents_for(pipe, scenes, a.n_per_count, rule(cfg, ac),
                                                       unet=main_unet, weak=weak))
         row = defects.all_defects(images, scenes, train_reference=ref, train_parsed=ref_parsed)

@@ -176,14 +176,10 @@ def load_autoguidance_unet(pipe=None, device=None, weights_dir: Path | None = No
     costs no extra weights. pipe: put it on that pipeline's U-Net's device and dtype (device and
     dtype override them; the CPU and float32 without either).
     """
-    import torch  # noqa: PLC0415
-
     if pipe is not None:
-        device = device if device is not None else pipe.unet.device
-        dtype = dtype if dtype is not None else pipe.unet.dtype
-    unet, _ = load_scaling_unet("scaled", device if device is not None else "cpu", weights_dir,
-                                dtype=dtype or torch.float32)
-    return unet
+        device = device or pipe.unet.device
+        dtype = dtype or pipe.unet.dtype
+    return load_scaling_unet("scaled", device or "cpu", weights_dir, dtype=dtype)[0]
 
 
 CONDITIONING_ARMS = ("cross", "pooled", "pooled-token")
