@@ -19,6 +19,8 @@ from .latents import LatentHealth, check_latent_health
 from .models import REGISTRY, TASKS, ModelSpec, load_pipeline
 from .plotting import overlay_heatmap, plot_curves, show_images, slider_html
 from .sampling import SampleOutput, flux_sigmas, sample, sigmas_for
+from . import signal_leak
+from .signal_leak import SignalLeak, fit_signal_leak, signal_leak_latents
 from .runtime import (RuntimeInfo, describe_runtime, hub_available, in_colab, pick_device, pick_dtype,
                       seed_everything)
 
@@ -36,7 +38,7 @@ __all__ = [
     "perf",
     "describe_runtime", "family_table", "metrics", "results", "vae_lab", "hub_available", "in_colab", "load_pipeline", "overlay_heatmap",
     "pick_device", "pick_dtype", "plot_curves", "record_attention", "sample", "flux_sigmas", "sigmas_for", "SampleOutput", "schedules",
-    "sdxl_pipelines", "seed_everything",
+    "sdxl_pipelines", "seed_everything", "signal_leak", "SignalLeak", "fit_signal_leak", "signal_leak_latents",
     "show_images", "slider_html", "tiny_sd3_transformer", "tiny_sdxl_components", "tiny_sdxl_pipelines",
     "tiny_sdxl_refiner_components",
 ]

@@ -378,6 +378,9 @@ def test_cpu_name_reads_the_model_name():
                                                         r"got 'half'$"),
     (lambda t: t.component_dir("unet", weights_dir="/nonexistent"), FileNotFoundError,
      r"TinySD component 'unet' is not shipped at /nonexistent/tinysd/unet; train it with"),
+    (lambda t: t.load_signal_leak(weights_dir="/nonexistent"), FileNotFoundError,
+     r"TinySD component 'signal_leak' is not shipped at /nonexistent/tinysd-signal-leak; fit it with "
+     r"`python -m ldm_tutorial.tinysd.leak --out ROOT`"),
     (lambda t: t.load_flow_unet(weights_dir="/nonexistent"), FileNotFoundError,
      r"TinySD's flow U-Net is not shipped at /nonexistent/tinysd-flow/unet; train it with .*flow --continue-shipped"),
     (lambda t: t.load_flow_unet(weights_dir="/nonexistent", control=True), FileNotFoundError,

@@ -16,6 +16,8 @@ layout and loaded with `from_pretrained`, the code path that loads the real SD o
                               chapter), each with a log.json
     weights/tinysd-conditioning/  small U-Nets conditioned on the pooled text vector only
                               (cross-attention chapter's control), each with a log.json
+    weights/tinysd-signal-leak/  a Gaussian model of the training latents (`load_signal_leak`):
+                              the initial-latent leak of `ldm.signal_leak_latents`
     weights/training_log.json how each was trained (steps, seconds, device)
 """
 
@@ -53,22 +55,24 @@ def inpaint_unet_dir() -> Path | None:
 
 def component_dir(name: str, weights_dir: Path | None = None) -> Path:
     """Folder of one component: text_encoder, tokenizer, unet, vae, scheduler, taesd, clip, inpaint_unet,
-    vae_groupnorm (the GroupNorm decoder tail `load_vae(groupnorm=True)` puts back).
+    vae_groupnorm (the GroupNorm decoder tail `load_vae(groupnorm=True)` puts back), signal_leak
+    (`load_signal_leak`'s model of the training latents).
 
     weights_dir: the zoo's root (default: the shipped `weights/`; training passes its `--out`).
     """
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     dirs = {"taesd": root / "tinysd-taesd", "clip": root / "tinyclip",
-            "vae_groupnorm": root / "tinysd-vae-groupnorm",
+            "vae_groupnorm": root / "tinysd-vae-groupnorm", "signal_leak": root / "tinysd-signal-leak",
             "inpaint_unet": root / "tinysd-inpaint" / "unet"}
     for sub in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
         dirs[sub] = root / "tinysd" / sub
     if name not in dirs:
         raise ValueError(f"name must be one of {sorted(dirs)}, got {name!r}")
     if not dirs[name].exists():
-        how = ("write it with `python scripts/fixed_norm_tail.py --eval-only --tail FILE "
-               "--export ROOT`" if name == "vae_groupnorm"
-               else "train it with `python -m ldm_tutorial.tinysd.train`")
+        how = {"vae_groupnorm": "write it with `python scripts/fixed_norm_tail.py --eval-only --tail FILE "
+                                "--export ROOT`",
+               "signal_leak": "fit it with `python -m ldm_tutorial.tinysd.leak --out ROOT`"}.get(
+                   name, "train it with `python -m ldm_tutorial.tinysd.train`")
         raise FileNotFoundError(f"TinySD component {name!r} is not shipped at {dirs[name]}; {how}")
     return dirs[name]
 
@@ -269,6 +273,19 @@ def load_vae(device="cpu", weights_dir: Path | None = None, groupnorm: bool = Fa
 
     tail = load_file(str(component_dir("vae_groupnorm", weights_dir) / GROUPNORM_TAIL_FILE))
     return with_group_norm_tail(vae, tail)
+
+
+SIGNAL_LEAK_FILE = "leak.safetensors"     # in component_dir("signal_leak")
+
+
+def load_signal_leak(weights_dir: Path | None = None):
+    """TinySD's `ldm.signal_leak.SignalLeak`: a Gaussian model (mean + 64 principal components +
+    isotropic rest) of the shipped VAE's scaled latents of rendered training scenes. It is what
+    `ldm.signal_leak_latents(pipe, ...)` puts back into the initial noise (fitted by
+    `python -m ldm_tutorial.tinysd.leak`)."""
+    from ldm_tutorial.signal_leak import SignalLeak  # noqa: PLC0415
+
+    return SignalLeak.load(component_dir("signal_leak", weights_dir) / SIGNAL_LEAK_FILE)
 
 
 def load_taesd(device="cpu", weights_dir: Path | None = None):

@@ -277,6 +277,11 @@ DEFECT_SETTINGS: dict[str, dict] = {   # the diagnosis rows: name -> ldm.sample 
     # autoguidance (ldm.sample's autoguidance_unet): the small U-Net of load_autoguidance_unet
     "guidance 3 + autoguidance 2": {"guidance_scale": 3.0, "autoguidance": 2.0},
     "guidance 4 + autoguidance 2": {"guidance_scale": 4.0, "autoguidance": 2.0},
+    "guidance 4 + autoguidance 3": {"guidance_scale": 4.0, "autoguidance": 3.0},
+    # signal-leak initial latents (ldm.signal_leak_latents, TinySD's shipped leak model)
+    "guidance 5 + signal leak": {"signal_leak": True},
+    "guidance 4 + autoguidance 3 + signal leak": {"guidance_scale": 4.0, "autoguidance": 3.0,
+                                                  "signal_leak": True},
 }
 
 
@@ -303,8 +308,10 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
     The noise is prompt_adherence's: one CPU generator seeded seed + i for the batch starting at
     the i-th prompt of each count (n_per_count prompts per count), so the first images of each count
     are the standard evaluation's. setting: ldm.sample keyword arguments, plus "scheduler" (a name
-    for `ldm_tutorial.perf.make_scheduler`) and "autoguidance" (an autoguidance_scale, with
-    `load_autoguidance_unet` as the weak model); 25 steps and guidance 5 unless it says otherwise.
+    for `ldm_tutorial.perf.make_scheduler`), "autoguidance" (an autoguidance_scale, with
+    `load_autoguidance_unet` as the weak model) and "signal_leak" (True: the initial latents are
+    `ldm.signal_leak_latents` from the same generator: the same eps plus TinySD's leak); 25 steps
+    and guidance 5 unless it says otherwise.
     Decoding them with any VAE (`decode_latents`) is the same generation with that decoder.
     """
     from ldm_tutorial.perf import with_scheduler  # noqa: PLC0415
@@ -318,6 +325,11 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
 
         setting.update(autoguidance_scale=setting.pop("autoguidance"),
                        autoguidance_unet=load_autoguidance_unet(pipe))
+    leak = None
+    if setting.pop("signal_leak", False):
+        from . import load_signal_leak  # noqa: PLC0415
+
+        leak = load_signal_leak()
     kw = {"num_inference_steps": 25, "guidance_scale": 5.0, **setting}
     n_per_count = n_per_count or len(scenes)
     out = []
@@ -326,8 +338,12 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
         i = start % n_per_count
         if i + len(chunk) > n_per_count and n_per_count % batch:
             raise ValueError(f"batch must divide n_per_count ({n_per_count}), got {batch}")
-        res = sample(pipe, [shapes.describe(s) for s in chunk], generator=torch.Generator().manual_seed(seed + i),
-                     **kw)
+        gen = torch.Generator().manual_seed(seed + i)
+        if leak is not None:
+            from ldm_tutorial.signal_leak import signal_leak_latents  # noqa: PLC0415
+
+            kw["latents"] = signal_leak_latents(pipe, len(chunk), kw["num_inference_steps"], gen, leak)
+        res = sample(pipe, [shapes.describe(s) for s in chunk], generator=gen, **kw)
         out.append(res.latents)
     return torch.cat(out)
 
