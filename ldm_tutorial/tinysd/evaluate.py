@@ -280,6 +280,8 @@ DEFECT_SETTINGS: dict[str, dict] = {   # the diagnosis rows: name -> ldm.sample 
     "guidance 4 + autoguidance 3": {"guidance_scale": 4.0, "autoguidance": 3.0},
     # signal-leak initial latents (ldm.signal_leak_latents, TinySD's shipped leak model)
     "guidance 5 + signal leak": {"signal_leak": True},
+    "guidance 4 + autoguidance 2 + signal leak": {"guidance_scale": 4.0, "autoguidance": 2.0,
+                                                  "signal_leak": True},
     "guidance 4 + autoguidance 3 + signal leak": {"guidance_scale": 4.0, "autoguidance": 3.0,
                                                   "signal_leak": True},
 }
