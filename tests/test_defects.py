@@ -228,6 +228,23 @@ def test_an_autoguidance_setting_samples_with_the_small_unet_as_the_weak_model()
     assert (lat - plain).abs().max() > 1e-2
 
 
+def test_a_signal_leak_setting_starts_from_the_leak_latents_of_the_same_generator():
+    from ldm_tutorial.models import load_pipeline
+    from ldm_tutorial.sampling import sample
+    from ldm_tutorial.signal_leak import signal_leak_latents
+
+    pipe = load_pipeline("tiny", verbose=False)
+    scenes = evaluate.defect_scenes(2, counts=(1,))
+    setting = {"num_inference_steps": 3, "signal_leak": True}
+    lat = evaluate.generation_latents(pipe, scenes, setting, batch=2, n_per_count=2)
+    assert setting == {"num_inference_steps": 3, "signal_leak": True}                 # not consumed
+    start = signal_leak_latents(pipe, 2, 3, torch.Generator().manual_seed(evaluate.DEFECT_SEED))
+    ref = sample(pipe, [shapes.describe(s) for s in scenes], num_inference_steps=3, latents=start).latents
+    torch.testing.assert_close(lat, ref, atol=1e-5, rtol=0)
+    plain = evaluate.generation_latents(pipe, scenes, {"num_inference_steps": 3}, batch=2, n_per_count=2)
+    assert (lat - plain).abs().max() > 1e-2
+
+
 def test_the_committed_section_shows_each_rows_numbers_and_sample_size():
     sc = shapes.sample_scenes(4, seed=10004, n_objects=1)
     ref = shapes.render(shapes.sample_scenes(16, seed=1))
