@@ -54,12 +54,13 @@ class SignalLeak:
         generator = checks.generators(generator, batch_size)
         d, k = self.components.shape
         gens = generator if isinstance(generator, list) else [generator] * batch_size
+        components, scales = self.components.float(), self.scales.float()
         out = []
         for g in gens:
             dev = g.device if g is not None else torch.device("cpu")
             z = torch.randn(k, generator=g, device=dev).cpu()
             rest = torch.randn(d, generator=g, device=dev).cpu()
-            out.append(self.components.float() @ (self.scales.float() * z) + self.residual * rest)
+            out.append(components @ (scales * z) + self.residual * rest)
         return self.mean.float() + torch.stack(out).view(batch_size, *self.shape)
 
     def save(self, path: str | Path) -> None:

@@ -329,6 +329,7 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
                        autoguidance_unet=load_autoguidance_unet(pipe))
     leak = None
     if setting.pop("signal_leak", False):
+        from ldm_tutorial.signal_leak import signal_leak_latents  # noqa: PLC0415
         from . import load_signal_leak  # noqa: PLC0415
 
         leak = load_signal_leak()
@@ -342,8 +343,6 @@ def generation_latents(pipe, scenes: list, setting: dict | None = None, batch: i
             raise ValueError(f"batch must divide n_per_count ({n_per_count}), got {batch}")
         gen = torch.Generator().manual_seed(seed + i)
         if leak is not None:
-            from ldm_tutorial.signal_leak import signal_leak_latents  # noqa: PLC0415
-
             kw["latents"] = signal_leak_latents(pipe, len(chunk), kw["num_inference_steps"], gen, leak)
         res = sample(pipe, [shapes.describe(s) for s in chunk], generator=gen, **kw)
         out.append(res.latents)
