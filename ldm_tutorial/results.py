@@ -34,6 +34,19 @@ def available() -> list[str]:
     return sorted(p.stem for p in RESULTS_DIR.glob("*.json"))
 
 
+def save(name: str, data: dict, to: str | Path | None = None) -> Path:
+    """Write a result as the book reads it (JSON, indent 1, one trailing newline); returns its path.
+
+    `to` defaults to the committed result `name` (`path(name)`); experiments pass `--out` here.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"data must be a dict (a result), got {type(data).__name__}")
+    p = Path(to) if to is not None else path(name)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=1) + "\n")
+    return p
+
+
 def load(name: str) -> dict:
     """The committed result `name` as a dict; FileNotFoundError naming the ones there are."""
     p = path(name)
